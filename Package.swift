@@ -1,0 +1,105 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("InternalImportsByDefault"),
+]
+
+let package = Package(
+    name: "keyhole",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "keyhole", targets: ["keyhole"]),
+        .library(name: "KeyholeEngine", targets: ["KeyholeEngine"]),
+        .library(name: "KeyholePolicy", targets: ["KeyholePolicy"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.80.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.30.0"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.10.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.0"..<"5.0.0"),
+        .package(url: "https://github.com/apple/swift-asn1.git", from: "1.3.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.0.0"),
+    ],
+    targets: [
+        // Pure: policy model, YAML, validation, secret sources. No network I/O.
+        .target(
+            name: "KeyholePolicy",
+            dependencies: [.product(name: "Yams", package: "Yams")],
+            swiftSettings: strict
+        ),
+        // Pure: bytes in, bytes out. Depends on NIOCore only for ByteBuffer.
+        .target(
+            name: "KeyholeEngine",
+            dependencies: [
+                "KeyholePolicy",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "KeyholeTLS",
+            dependencies: [
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "KeyholeProxy",
+            dependencies: [
+                "KeyholePolicy", "KeyholeEngine", "KeyholeTLS",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .systemLibrary(
+            name: "CNetfilterQueue",
+            pkgConfig: "libnetfilter_queue",
+            providers: [.apt(["libnetfilter-queue-dev", "libmnl-dev"])]
+        ),
+        .target(
+            name: "KeyholeNetfilter",
+            dependencies: ["CNetfilterQueue", "KeyholePolicy"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "KeyholeLauncher",
+            dependencies: ["KeyholePolicy", "KeyholeNetfilter", "KeyholeProxy", "KeyholeTLS"],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "keyhole",
+            dependencies: [
+                "KeyholePolicy", "KeyholeEngine", "KeyholeTLS", "KeyholeProxy",
+                "KeyholeNetfilter", "KeyholeLauncher",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "KeyholePolicyTests",
+            dependencies: ["KeyholePolicy"],
+            exclude: ["Fixtures"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "KeyholeEngineTests",
+            dependencies: ["KeyholeEngine", "KeyholePolicy", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strict
+        ),
+        .testTarget(name: "KeyholeTLSTests", dependencies: ["KeyholeTLS"], swiftSettings: strict),
+        .testTarget(name: "KeyholeProxyTests", dependencies: ["KeyholeProxy"], swiftSettings: strict),
+        .testTarget(name: "KeyholeNetfilterTests", dependencies: ["KeyholeNetfilter"], swiftSettings: strict),
+        .testTarget(name: "KeyholeLauncherTests", dependencies: ["KeyholeLauncher"], swiftSettings: strict),
+        .testTarget(name: "keyholeTests", dependencies: ["keyhole"], swiftSettings: strict),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,69 @@
+import ArgumentParser
+import KeyholePolicy
+
+struct PolicyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "policy",
+        abstract: "Work with policy files.",
+        subcommands: [Check.self]
+    )
+
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate policy files; print FILE:LINE:COL: message for every problem.",
+            discussion: "Exit status: 0 when every file is valid, 1 when any is not. Secret values are loaded (from_env, from_file) but never printed."
+        )
+
+        @Argument(help: ArgumentHelp("Policy files to check.", valueName: "file"))
+        var files: [String]
+
+        @Flag(name: .shortAndLong, help: "Also print a summary of each valid policy (values are shown redacted).")
+        var verbose = false
+
+        func validate() throws {
+            if files.isEmpty { throw ValidationError("give at least one policy file") }
+        }
+
+        func run() throws {
+            var failed = false
+            for file in files {
+                do {
+                    let policy = try PolicyLoader().load(file: file)
+                    for warning in policy.warnings { Output.err(warning.description) }
+                    Output.out("\(file): ok (\(policy.secrets.count) secret\(policy.secrets.count == 1 ? "" : "s"))")
+                    if verbose { Output.out(PolicySummary.render(policy)) }
+                } catch {
+                    failed = true
+                    for diagnostic in error.diagnostics { Output.err(diagnostic.description) }
+                }
+            }
+            if failed { throw ExitCode(1) }
+        }
+    }
+}
+
+/// A human-readable description of a policy. Values appear only as a redaction.
+enum PolicySummary {
+    static func render(_ policy: Policy) -> String {
+        var lines = ["  name: \(policy.name)", "  on_secret_violation: \(policy.network.onSecretViolation.rawValue)"]
+        for secret in policy.secrets {
+            let i = secret.inject
+            let sites = [("headers", i.headers), ("basic_auth", i.basicAuth), ("query", i.query), ("body", i.body)]
+                .filter(\.1).map(\.0).joined(separator: ",")
+            lines.append("  secret \(secret.env): placeholder \(secret.placeholder), value \(secret.value) (\(secret.source))")
+            lines.append("    hosts: \(secret.allowedHosts); inject: \(sites.isEmpty ? "nowhere" : sites); require_tls_identity: \(secret.requireTLSIdentity)")
+        }
+        let egress = policy.network.egress
+        lines.append("  egress: default \(egress.default.rawValue); allow [\(egress.allow.map(\.description).joined(separator: ", "))]; deny [\(egress.deny.map(\.description).joined(separator: ", "))]")
+        if !policy.network.tlsBypass.isEmpty { lines.append("  tls_bypass: \(policy.network.tlsBypass)") }
+        if let guest = policy.guest {
+            let image: String
+            switch guest.image {
+            case .builtin: image = "builtin"
+            case .kernel(let kernel, let initrd, let disk): image = "kernel \(kernel)" + (initrd.map { " initrd \($0)" } ?? "") + (disk.map { " disk \($0)" } ?? "")
+            }
+            lines.append("  guest: \(image), \(guest.memoryMiB) MiB, \(guest.vcpus) vCPU, accel \(guest.accel.rawValue)")
+        }
+        return lines.joined(separator: "\n")
+    }
+}

@@ -1,0 +1,145 @@
+import Foundation
+import Testing
+
+/// Runs the built `keyhole` binary as a user would.
+enum CLI {
+    static let binary: String = {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+        // The test bundle may sit inside `X.xctest/` or beside the products.
+        while !FileManager.default.isExecutableFile(atPath: dir.appendingPathComponent("keyhole").path), dir.path != "/" {
+            dir.deleteLastPathComponent()
+        }
+        return dir.appendingPathComponent("keyhole").path
+    }()
+
+    static let root: String = {
+        var url = URL(fileURLWithPath: #filePath)
+        for _ in 0..<3 { url.deleteLastPathComponent() }
+        return url.path
+    }()
+
+    struct Result {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+        var all: String { stdout + stderr }
+    }
+
+    static func run(_ arguments: [String], cwd: String? = nil, environment: [String: String] = [:], stdin: Data? = nil) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        if let cwd { process.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+        var env = ProcessInfo.processInfo.environment
+        env["KEYHOLE_FIXTURE_UNSET_VARIABLE"] = nil
+        for (key, value) in environment { env[key] = value }
+        process.environment = env
+        let out = Pipe()
+        let err = Pipe()
+        let input = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = input
+        try process.run()
+        if let stdin { input.fileHandleForWriting.write(stdin) }
+        try input.fileHandleForWriting.close()
+        // Read both pipes concurrently so a chatty child cannot block on a full pipe.
+        nonisolated(unsafe) var errData = Data()
+        let reader = Thread { errData = err.fileHandleForReading.readDataToEndOfFile() }
+        reader.start()
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        while reader.isExecuting { usleep(1000) }
+        return Result(
+            status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+            stderr: String(decoding: errData, as: UTF8.self))
+    }
+}
+
+let exampleEnvironment = [
+    "GITHUB_TOKEN": "ghp_cliExample000000000000000000000000",
+    "OPENAI_API_KEY": "sk-cli-example-0000000000",
+    "MAPS_API_KEY": "maps-cli-example-key",
+    "DEMO_API_TOKEN": "demo-cli-real-token",
+]
+
+@Suite("keyhole CLI")
+struct CLITests {
+    @Test func policyCheckAcceptsEveryExampleAndNeverPrintsValues() throws {
+        let policies = try FileManager.default.contentsOfDirectory(atPath: CLI.root + "/policies")
+            .filter { $0.hasSuffix(".yaml") }.sorted().map { "policies/" + $0 }
+        #expect(policies.count >= 4)
+        let result = try CLI.run(["policy", "check", "--verbose"] + policies, cwd: CLI.root, environment: exampleEnvironment)
+        #expect(result.status == 0, "\(result.all)")
+        for file in policies { #expect(result.stdout.contains("\(file): ok")) }
+        #expect(result.stdout.contains("<redacted>"))
+        for value in exampleEnvironment.values + ["registry-demo-password"] {
+            #expect(!result.all.contains(value), "a real value was printed")
+        }
+    }
+
+    @Test func policyCheckRejectsEachInvalidFixtureWithItsExactMessages() throws {
+        let dir = CLI.root + "/Tests/KeyholePolicyTests/Fixtures/invalid"
+        let fixtures = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".yaml") }.sorted()
+        #expect(fixtures.count >= 10)
+        for fixture in fixtures {
+            let expected = try String(contentsOfFile: dir + "/" + fixture.replacingOccurrences(of: ".yaml", with: ".expected"), encoding: .utf8)
+            let result = try CLI.run(["policy", "check", "-v", fixture], cwd: dir, environment: ["HOME": "/root"])
+            #expect(result.status == 1, "\(fixture)")
+            #expect(result.stderr == expected, "\(fixture)")
+            #expect(!result.all.contains("fixture-secret"), "\(fixture) printed a secret value")
+        }
+    }
+
+    @Test func policyCheckReportsAllFilesAndFailsIfAnyIsInvalid() throws {
+        let result = try CLI.run(
+            ["policy", "check", "policies/github.yaml", "Tests/KeyholePolicyTests/Fixtures/invalid/bad-version.yaml"],
+            cwd: CLI.root, environment: exampleEnvironment)
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("policies/github.yaml: ok"))
+        #expect(result.stderr.contains("bad-version.yaml:1:10: unsupported policy version 2"))
+    }
+
+    @Test func missingPolicyFileIsAClearError() throws {
+        let result = try CLI.run(["policy", "check", "/nonexistent/policy.yaml"])
+        #expect(result.status == 1)
+        #expect(result.stderr == "/nonexistent/policy.yaml:1:1: cannot read the policy file: No such file or directory\n")
+    }
+
+    @Test func caInitTwiceKeepsTheSameCAWithAPrivateKey() throws {
+        let state = "/tmp/keyhole-cli-ca-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        let first = try CLI.run(["ca", "init", "--state-dir", state])
+        #expect(first.status == 0, "\(first.all)")
+        #expect(first.stdout.contains("created sandbox CA"))
+        let pem1 = try CLI.run(["ca", "show", "--state-dir", state])
+        let second = try CLI.run(["ca", "init", "--state-dir", state])
+        #expect(second.stdout.contains("already exists"))
+        let pem2 = try CLI.run(["ca", "show", "--state-dir", state])
+        #expect(pem1.status == 0 && pem1.stdout.hasPrefix("-----BEGIN CERTIFICATE-----"))
+        #expect(pem1.stdout == pem2.stdout)
+        let attributes = try FileManager.default.attributesOfItem(atPath: state + "/ca.key")
+        #expect((attributes[.posixPermissions] as? Int) == 0o600)
+        for output in [first, second, pem1, pem2] {
+            #expect(!output.all.contains("PRIVATE KEY"))
+        }
+    }
+
+    @Test func caShowWithoutInitFails() throws {
+        let result = try CLI.run(["ca", "show", "--state-dir", "/tmp/keyhole-cli-none-\(UUID().uuidString)"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("keyhole ca init"))
+    }
+
+    @Test func helpAndVersion() throws {
+        let version = try CLI.run(["--version"])
+        #expect(version.status == 0)
+        #expect(version.stdout.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ".").count == 3)
+        for command in [[], ["policy"], ["policy", "check"], ["ca"], ["ca", "init"], ["ca", "show"], ["rewrite"], ["proxy"], ["run"]] {
+            let help = try CLI.run(command + ["--help"])
+            #expect(help.status == 0, "\(command)")
+            #expect(help.stdout.contains("USAGE"), "\(command)")
+        }
+    }
+}

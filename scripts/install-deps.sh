@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Keyhole builds and tests with, when any is missing.
+# Idempotent and quiet when everything is present. Needs root (or sudo) to install.
+set -euo pipefail
+
+packages=(
+  pkg-config libnetfilter-queue-dev libmnl-dev libssl-dev   # build: CNetfilterQueue
+  iptables nftables iproute2 kmod                           # appliance: rules, namespaces, TAP
+  dnsmasq-base curl openssl python3 procps psmisc           # tests: resolver, real clients, servers
+  qemu-system-x86 cpio zstd xz-utils                        # launcher: guests and their initramfs
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "installing: ${missing[*]}" >&2
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
