@@ -20,3 +20,11 @@ echo
 echo "== keyhole ca show --state-dir $state (what a guest installs in its trust store)"
 $keyhole ca show --state-dir "$state" | head -3
 echo "   ..."
+echo
+echo "== keyhole rewrite: a guest's request stream through the engine (policies/github.yaml)"
+printf 'GET /user HTTP/1.1\r\nHost: api.github.com\r\nAuthorization: Bearer $MSB_GITHUB_TOKEN\r\n\r\n' |
+  $keyhole rewrite --policy policies/github.yaml --sni api.github.com | sed 's/ghp_demo[0-9]*/ghp_demo… (real value, shown here because this is the demo)/'
+echo
+echo "== the same placeholder sent to another host is blocked (exit 3)"
+printf 'GET /collect HTTP/1.1\r\nHost: attacker.example\r\nAuthorization: Bearer $MSB_GITHUB_TOKEN\r\n\r\n' |
+  $keyhole rewrite --policy policies/github.yaml --sni attacker.example || echo "exit status $?"

@@ -12,6 +12,27 @@ struct Keyhole: AsyncParsableCommand {
             PolicyCommand.self, CACommand.self, RewriteCommand.self, ProxyCommand.self, RunCommand.self,
         ]
     )
+
+    /// Like the default entry point, but usage errors exit 2 (the documented contract)
+    /// instead of ArgumentParser's 64.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            let code = exitCode(for: error)
+            if code == .validationFailure {
+                Output.err(fullMessage(for: error))
+                Output.err("Run 'keyhole --help' for usage.")
+                exit(withError: ExitCode(2))
+            }
+            exit(withError: error)
+        }
+    }
 }
 
 /// Options shared by commands that use the state directory.

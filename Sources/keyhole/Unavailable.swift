@@ -8,17 +8,6 @@ enum NotAvailable {
     }
 }
 
-struct RewriteCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "rewrite",
-        abstract: "Offline engine: rewrite a raw request stream from stdin to stdout. (Not available yet.)")
-
-    @Option(help: "Policy file.") var policy: String
-    @Option(help: "The SNI (host) the guest connected to.") var sni: String
-
-    func run() throws { throw NotAvailable.fail("rewrite") }
-}
-
 struct ProxyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "proxy",

@@ -143,3 +143,95 @@ struct CLITests {
         }
     }
 }
+
+@Suite("keyhole rewrite")
+struct RewriteCLITests {
+    static let policy: String = {
+        let path = "/tmp/keyhole-rewrite-cli-\(getpid()).yaml"
+        let yaml = """
+            version: 1
+            name: cli
+            secrets:
+              - env: TOKEN
+                value: "cli-real-value"
+                allow_hosts: [api.example.com]
+                inject: { body: true }
+            network:
+              on_secret_violation: block-and-log
+            """
+        _ = FileManager.default.createFile(atPath: path, contents: Data(yaml.utf8))
+        return path
+    }()
+
+    let stream = Data(
+        ("GET /a HTTP/1.1\r\nHost: api.example.com\r\nAuthorization: Bearer $MSB_TOKEN\r\n\r\n"
+            + "POST /b?secretquery=1 HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n$MSB\r\n6\r\n_TOKEN\r\n0\r\n\r\n").utf8)
+
+    @Test func rewritesAndIsIndependentOfChunkSize() throws {
+        let reference = try CLI.run(["rewrite", "--policy", Self.policy, "--sni", "api.example.com"], stdin: stream)
+        #expect(reference.status == 0, "\(reference.stderr)")
+        #expect(reference.stdout.contains("Authorization: Bearer cli-real-value\r\n"))
+        #expect(reference.stdout.contains("E\r\ncli-real-value\r\n0\r\n\r\n"))
+        for size in ["1", "2", "5", "17", "4096"] {
+            let run = try CLI.run(["rewrite", "--policy", Self.policy, "--sni", "api.example.com", "--chunk-size", size], stdin: stream)
+            #expect(run.stdout == reference.stdout, "chunk size \(size)")
+            #expect(run.stderr == reference.stderr, "chunk size \(size)")
+        }
+        let events = reference.stderr.split(separator: "\n")
+        #expect(events.count == 2)
+        #expect(events.allSatisfy { $0.contains("\"event\":\"substituted\"") && $0.contains("\"secret\":\"TOKEN\"") })
+        #expect(!reference.stderr.contains("cli-real-value"))
+        #expect(!reference.stderr.contains("secretquery"))
+    }
+
+    @Test func blockedExitsThreeWithAnAuditEvent() throws {
+        let fronted = Data("GET / HTTP/1.1\r\nHost: evil.example.net\r\nX: $MSB_TOKEN\r\n\r\n".utf8)
+        let run = try CLI.run(["rewrite", "--policy", Self.policy, "--sni", "api.example.com"], stdin: fronted)
+        #expect(run.status == 3)
+        #expect(run.stdout.isEmpty)
+        #expect(run.stderr.contains("\"event\":\"violation\""))
+        #expect(run.stderr.contains("\"reason\":\"host-header-mismatch\""))
+        #expect(run.stderr.contains("\"action\":\"block-and-log\""))
+    }
+
+    @Test func identityAndPlainFlags() throws {
+        let request = Data("GET / HTTP/1.1\r\nHost: api.example.com\r\nX: $MSB_TOKEN\r\n\r\n".utf8)
+        let unverified = try CLI.run(["rewrite", "--policy", Self.policy, "--sni", "api.example.com", "--identity", "unverified"], stdin: request)
+        #expect(unverified.status == 3)
+        #expect(unverified.stderr.contains("upstream-unverified"))
+        let plain = try CLI.run(["rewrite", "--policy", Self.policy, "--sni", "api.example.com", "--plain"], stdin: request)
+        #expect(plain.status == 3)
+        #expect(plain.stderr.contains("tls-identity-required"))
+        let unpinned = try CLI.run(["rewrite", "--policy", Self.policy, "--sni", "api.example.com", "--no-dns-pin"], stdin: request)
+        #expect(unpinned.status == 3)
+        #expect(unpinned.stderr.contains("dns-not-pinned"))
+    }
+
+    @Test func framingErrorsExitThree() throws {
+        let smuggle = Data("POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n".utf8)
+        let run = try CLI.run(["rewrite", "--policy", Self.policy, "--sni", "api.example.com"], stdin: smuggle)
+        #expect(run.status == 3)
+        #expect(run.stderr.contains("content-length-with-transfer-encoding"))
+    }
+
+    @Test func usageAndPolicyErrorsExitTwo() throws {
+        let missing = try CLI.run(["rewrite", "--sni", "api.example.com"], stdin: Data())
+        #expect(missing.status == 2)
+        #expect(missing.stderr.contains("--policy"))
+        let badChunk = try CLI.run(["rewrite", "--policy", Self.policy, "--sni", "a.example.com", "--chunk-size", "0"], stdin: Data())
+        #expect(badChunk.status == 2)
+        let badPolicy = try CLI.run(["rewrite", "--policy", "/nonexistent.yaml", "--sni", "a.example.com"], stdin: Data())
+        #expect(badPolicy.status == 2)
+        #expect(badPolicy.stderr.contains("/nonexistent.yaml:1:1:"))
+    }
+}
+
+@Suite("Commands not available yet")
+struct UnavailableCommandTests {
+    @Test(arguments: [["proxy", "--policy", "p.yaml", "--interface", "tap0"], ["run", "p.yaml"]])
+    func sayPlainlyTheyAreNotAvailable(_ arguments: [String]) throws {
+        let run = try CLI.run(arguments)
+        #expect(run.status == 2)
+        #expect(run.stderr.contains("not available yet"))
+    }
+}

@@ -1,0 +1,190 @@
+/// How a placeholder was written.
+public enum PlaceholderForm: String, Sendable, Hashable {
+    /// `$MSB_TOKEN`
+    case raw
+    /// Some or all characters as `%XX` (`%24MSB_TOKEN`), as URL encoders write it.
+    case percentEncoded = "percent-encoded"
+    /// Some or all characters as JSON `\uXXXX` escapes (`\u0024MSB_TOKEN`).
+    case jsonEscaped = "json-escaped"
+    /// Inside the base64 `user:pass` of `Authorization: Basic`.
+    case base64
+}
+
+/// Finds configured placeholders, in raw, percent-encoded and JSON-escaped form, as whole
+/// tokens: `$MSB_A` does not match inside `$MSB_AB` or `x_MSB_A`-style runs.
+///
+/// Work is split in two: a SIMD scan for the few bytes a placeholder can start with in any
+/// form (its first byte, `%`, `\`), and a short decode-and-compare at each such byte.
+public struct PlaceholderMatcher: Sendable {
+    struct Entry: Sendable {
+        let bytes: [UInt8]
+        let secret: Int
+        let checkBefore: Bool
+        let checkAfter: Bool
+    }
+
+    enum Result: Equatable {
+        case none
+        /// The bytes available end before a decision can be made.
+        case needMore
+        case match(secret: Int, form: PlaceholderForm, length: Int)
+    }
+
+    let entries: [Entry]
+    let scanner: ByteScanner
+    /// The most bytes a decision at one candidate may need (the longest placeholder fully
+    /// JSON-escaped, plus one escaped character after it for the token boundary).
+    public let lookahead: Int
+
+    public init(placeholders: [[UInt8]]) {
+        var entries: [Entry] = []
+        var starts: [UInt8] = [UInt8(ascii: "%"), UInt8(ascii: "\\")]
+        var longest = 1
+        for (index, bytes) in placeholders.enumerated() where !bytes.isEmpty {
+            entries.append(
+                Entry(bytes: bytes, secret: index, checkBefore: Self.isTokenByte(bytes.first!), checkAfter: Self.isTokenByte(bytes.last!)))
+            if !starts.contains(bytes[0]) { starts.append(bytes[0]) }
+            longest = max(longest, bytes.count)
+        }
+        // Placeholders starting with more than two distinct bytes are rare (custom ones);
+        // fall back to scanning for their common escape bytes plus the first two starts.
+        self.entries = entries
+        self.scanner = ByteScanner(Array(starts.prefix(4)))
+        self.lookahead = 6 * (longest + 1)
+        self.extraStarts = starts.count > 4 ? Array(starts.dropFirst(4)) : []
+    }
+
+    /// Start bytes beyond what the SIMD scanner covers; checked with a second pass.
+    let extraStarts: [UInt8]
+
+    @inline(__always)
+    static func isTokenByte(_ b: UInt8) -> Bool {
+        (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x5F
+    }
+
+    /// Index of the next byte at which a placeholder could start, from `from`.
+    @inline(__always)
+    func nextCandidate(in bytes: UnsafeRawBufferPointer, from: Int) -> Int? {
+        let hit = scanner.firstIndex(in: bytes, from: from)
+        guard !extraStarts.isEmpty else { return hit }
+        let end = hit ?? bytes.count
+        var i = from
+        while i < end {
+            if extraStarts.contains(bytes[i]) { return i }
+            i += 1
+        }
+        return hit
+    }
+
+    @inline(__always)
+    static func hexValue(_ b: UInt8) -> UInt8? {
+        switch b {
+        case 0x30...0x39: return b - 0x30
+        case 0x41...0x46: return b - 0x41 + 10
+        case 0x61...0x66: return b - 0x61 + 10
+        default: return nil
+        }
+    }
+
+    enum Decoded {
+        case char(UInt8, width: Int, form: PlaceholderForm)
+        case needMore
+        case end
+    }
+
+    /// Decodes one character at `i`: raw, `%XX`, or `\uXXXX` (ASCII only).
+    @inline(__always)
+    static func decode(_ bytes: UnsafeRawBufferPointer, _ i: Int, final: Bool) -> Decoded {
+        let count = bytes.count
+        guard i < count else { return final ? .end : .needMore }
+        let b = bytes[i]
+        if b == 0x25 {  // %
+            guard i + 2 < count else {
+                if final { return .char(b, width: 1, form: .raw) }
+                // Decide early when what we have already rules out an escape.
+                if i + 1 < count, hexValue(bytes[i + 1]) == nil { return .char(b, width: 1, form: .raw) }
+                return .needMore
+            }
+            if let hi = hexValue(bytes[i + 1]), let lo = hexValue(bytes[i + 2]) {
+                return .char(hi << 4 | lo, width: 3, form: .percentEncoded)
+            }
+            return .char(b, width: 1, form: .raw)
+        }
+        if b == 0x5C {  // backslash
+            guard i + 1 < count else { return final ? .char(b, width: 1, form: .raw) : .needMore }
+            guard bytes[i + 1] == 0x75 else { return .char(b, width: 1, form: .raw) }  // \u
+            guard i + 5 < count else { return final ? .char(b, width: 1, form: .raw) : .needMore }
+            var value: UInt32 = 0
+            for k in 2...5 {
+                guard let h = hexValue(bytes[i + k]) else { return .char(b, width: 1, form: .raw) }
+                value = value << 4 | UInt32(h)
+            }
+            if value < 0x80 { return .char(UInt8(value), width: 6, form: .jsonEscaped) }
+            return .char(b, width: 1, form: .raw)
+        }
+        return .char(b, width: 1, form: .raw)
+    }
+
+    /// Tries every placeholder at `start`. `previous` is the byte before `start` (nil at the
+    /// start of a site). `final` says no more bytes will follow the buffer.
+    func match(_ bytes: UnsafeRawBufferPointer, at start: Int, previous: UInt8?, final: Bool) -> Result {
+        let first: UInt8
+        let firstWidth: Int
+        let firstForm: PlaceholderForm
+        switch Self.decode(bytes, start, final: final) {
+        case .needMore: return .needMore
+        case .end: return .none
+        case .char(let c, let width, let form):
+            first = c
+            firstWidth = width
+            firstForm = form
+        }
+        var needMore = false
+        var best: Result = .none
+        var bestLength = 0
+        for entry in entries where entry.bytes[0] == first {
+            if entry.checkBefore, let previous, Self.isTokenByte(previous) { continue }
+            var position = start + firstWidth
+            var form = firstForm
+            var matched = true
+            var k = 1
+            while k < entry.bytes.count {
+                switch Self.decode(bytes, position, final: final) {
+                case .needMore:
+                    needMore = true
+                    matched = false
+                case .end:
+                    matched = false
+                case .char(let c, let width, let charForm):
+                    if c != entry.bytes[k] {
+                        matched = false
+                    } else {
+                        position += width
+                        if charForm == .jsonEscaped || (charForm == .percentEncoded && form == .raw) { form = charForm }
+                    }
+                }
+                if !matched { break }
+                k += 1
+            }
+            guard matched else { continue }
+            if entry.checkAfter {
+                switch Self.decode(bytes, position, final: final) {
+                case .needMore:
+                    needMore = true
+                    continue
+                case .end:
+                    break
+                case .char(let c, _, _):
+                    if Self.isTokenByte(c) { continue }
+                }
+            }
+            let length = position - start
+            if length > bestLength {
+                best = .match(secret: entry.secret, form: form, length: length)
+                bestLength = length
+            }
+        }
+        if case .match = best { return best }
+        return needMore ? .needMore : .none
+    }
+}

@@ -1,0 +1,291 @@
+/// A parsed HTTP/1.x request head: offsets into the header block, nothing copied.
+struct RequestHead {
+    struct Field {
+        /// The whole line including its CRLF.
+        var line: Range<Int>
+        var name: Range<Int>
+        /// The value without surrounding whitespace.
+        var value: Range<Int>
+        var kind: FieldKind
+    }
+
+    enum FieldKind {
+        case other, host, contentLength, transferEncoding, authorization, upgrade, expect, contentEncoding, contentType
+    }
+
+    var method: Range<Int> = 0..<0
+    var target: Range<Int> = 0..<0
+    /// The path part of the target (for absolute-form, after the authority).
+    var path: Range<Int> = 0..<0
+    /// The query after `?`, without the `?`.
+    var query: Range<Int>?
+    /// The authority of an absolute-form (`http://host/…`) or authority-form target.
+    var authority: Range<Int>?
+    var minorVersion = 1
+    var fields: [Field] = []
+    var length = 0
+
+    var hostField: Int?
+    var hostCount = 0
+    var contentLength: Int?
+    var chunked = false
+    var upgrade = false
+    var isConnect = false
+    var expectContinueField: Int?
+    var contentEncoded = false
+    var formBody = false
+
+    static let tokenTable: [Bool] = {
+        var table = [Bool](repeating: false, count: 256)
+        for b in UInt8(ascii: "a")...UInt8(ascii: "z") { table[Int(b)] = true }
+        for b in UInt8(ascii: "A")...UInt8(ascii: "Z") { table[Int(b)] = true }
+        for b in UInt8(ascii: "0")...UInt8(ascii: "9") { table[Int(b)] = true }
+        for b in "!#$%&'*+-.^_`|~".utf8 { table[Int(b)] = true }
+        return table
+    }()
+
+    /// Parses a complete head (ending in CRLF CRLF). `fields` keeps its capacity between
+    /// requests of one connection.
+    mutating func parse(_ b: UnsafeRawBufferPointer) throws(FramingError) {
+        fields.removeAll(keepingCapacity: true)
+        hostField = nil
+        hostCount = 0
+        contentLength = nil
+        chunked = false
+        upgrade = false
+        isConnect = false
+        expectContinueField = nil
+        contentEncoded = false
+        formBody = false
+        query = nil
+        authority = nil
+        length = b.count
+
+        var lineStart = 0
+        var lineNumber = 0
+        var searchFrom = 0
+        var sawTransferEncoding = false
+        while true {
+            // Find the LF ending this line, validating every control byte on the way.
+            var lf = -1
+            while let i = ControlScanner.firstIndex(in: b, from: searchFrom) {
+                let byte = b[i]
+                if byte == 0x0A {
+                    guard i > lineStart, b[i - 1] == 0x0D else { throw .bareLF }
+                    lf = i
+                    searchFrom = i + 1
+                    break
+                } else if byte == 0x0D {
+                    guard i + 1 < b.count, b[i + 1] == 0x0A else { throw .bareCR }
+                    searchFrom = i + 1
+                } else if byte == 0x09 {
+                    searchFrom = i + 1
+                } else if byte == 0x00 {
+                    throw .nulByte
+                } else {
+                    throw .controlCharacter
+                }
+            }
+            guard lf >= 0 else { throw .malformedRequestLine }  // unreachable for a complete head
+            let contentEnd = lf - 1  // position of the CR
+            if lineNumber == 0 {
+                try parseRequestLine(b, lineStart..<contentEnd)
+            } else if contentEnd == lineStart {
+                break  // the empty line ending the head
+            } else {
+                try parseField(b, line: lineStart..<(lf + 1), content: lineStart..<contentEnd, sawTransferEncoding: &sawTransferEncoding)
+            }
+            lineNumber += 1
+            lineStart = lf + 1
+        }
+        if chunked && contentLength != nil { throw .contentLengthWithTransferEncoding }
+        if sawTransferEncoding && minorVersion == 0 { throw .transferEncodingInHTTP10 }
+    }
+
+    private mutating func parseRequestLine(_ b: UnsafeRawBufferPointer, _ line: Range<Int>) throws(FramingError) {
+        var i = line.lowerBound
+        while i < line.upperBound, Self.tokenTable[Int(b[i])] { i += 1 }
+        guard i > line.lowerBound, i < line.upperBound, b[i] == 0x20 else { throw .malformedRequestLine }
+        method = line.lowerBound..<i
+        i += 1
+        let targetStart = i
+        while i < line.upperBound, b[i] > 0x20, b[i] < 0x7F { i += 1 }
+        guard i > targetStart, i < line.upperBound, b[i] == 0x20 else { throw .malformedRequestLine }
+        target = targetStart..<i
+        i += 1
+        // "HTTP/1.0" or "HTTP/1.1", exactly.
+        guard line.upperBound - i == 8 else { throw .malformedRequestLine }
+        let version: [UInt8] = [0x48, 0x54, 0x54, 0x50, 0x2F, 0x31, 0x2E]
+        for k in 0..<7 where b[i + k] != version[k] {
+            throw k < 5 ? .malformedRequestLine : .unsupportedHTTPVersion
+        }
+        switch b[i + 7] {
+        case 0x30: minorVersion = 0
+        case 0x31: minorVersion = 1
+        default: throw .unsupportedHTTPVersion
+        }
+        isConnect = method.count == 7 && Self.equalsIgnoringCase(b, method, "connect")
+        splitTarget(b)
+    }
+
+    private mutating func splitTarget(_ b: UnsafeRawBufferPointer) {
+        var pathStart = target.lowerBound
+        if isConnect {
+            authority = target
+            path = target.upperBound..<target.upperBound
+            return
+        }
+        if b[target.lowerBound] != 0x2F && b[target.lowerBound] != 0x2A {  // not "/" or "*"
+            // absolute-form: scheme "://" authority path
+            var i = target.lowerBound
+            while i + 2 < target.upperBound, !(b[i] == 0x3A && b[i + 1] == 0x2F && b[i + 2] == 0x2F) { i += 1 }
+            if i + 2 < target.upperBound {
+                let authorityStart = i + 3
+                var end = authorityStart
+                while end < target.upperBound, b[end] != 0x2F, b[end] != 0x3F { end += 1 }
+                authority = authorityStart..<end
+                pathStart = end
+            }
+        }
+        var q = pathStart
+        while q < target.upperBound, b[q] != 0x3F { q += 1 }
+        path = pathStart..<q
+        if q < target.upperBound { query = (q + 1)..<target.upperBound }
+    }
+
+    private mutating func parseField(
+        _ b: UnsafeRawBufferPointer, line: Range<Int>, content: Range<Int>, sawTransferEncoding: inout Bool
+    ) throws(FramingError) {
+        let first = b[content.lowerBound]
+        if first == 0x20 || first == 0x09 { throw .obsFold }
+        var i = content.lowerBound
+        while i < content.upperBound, Self.tokenTable[Int(b[i])] { i += 1 }
+        guard i > content.lowerBound, i < content.upperBound, b[i] == 0x3A else { throw .invalidHeaderName }
+        let name = content.lowerBound..<i
+        var valueStart = i + 1
+        var valueEnd = content.upperBound
+        while valueStart < valueEnd, b[valueStart] == 0x20 || b[valueStart] == 0x09 { valueStart += 1 }
+        while valueEnd > valueStart, b[valueEnd - 1] == 0x20 || b[valueEnd - 1] == 0x09 { valueEnd -= 1 }
+        let value = valueStart..<valueEnd
+        let kind = Self.kind(of: b, name)
+        let index = fields.count
+        fields.append(Field(line: line, name: name, value: value, kind: kind))
+        switch kind {
+        case .host:
+            hostCount += 1
+            hostField = index
+        case .contentLength:
+            let parsed = try Self.parseContentLength(b, value)
+            if let existing = contentLength, existing != parsed { throw .conflictingContentLength }
+            contentLength = parsed
+        case .transferEncoding:
+            if sawTransferEncoding || !Self.equalsIgnoringCase(b, value, "chunked") { throw .unsupportedTransferEncoding }
+            sawTransferEncoding = true
+            chunked = true
+        case .upgrade:
+            upgrade = true
+        case .expect:
+            if Self.equalsIgnoringCase(b, value, "100-continue") { expectContinueField = index }
+        case .contentEncoding:
+            if !Self.equalsIgnoringCase(b, value, "identity") { contentEncoded = true }
+        case .contentType:
+            let form: StaticString = "application/x-www-form-urlencoded"
+            let prefix = value.lowerBound..<(value.lowerBound + form.utf8CodeUnitCount)
+            if value.count >= form.utf8CodeUnitCount, Self.equalsIgnoringCase(b, prefix, form) {
+                formBody = true
+            }
+        case .authorization, .other:
+            break
+        }
+    }
+
+    /// `Content-Length: 5` or the list form `5, 5` (all equal); decimal digits only.
+    static func parseContentLength(_ b: UnsafeRawBufferPointer, _ value: Range<Int>) throws(FramingError) -> Int {
+        var result: Int?
+        var current = 0
+        var digits = 0
+        var i = value.lowerBound
+        func finish() throws(FramingError) {
+            guard digits > 0 else { throw .invalidContentLength }
+            if let result, result != current { throw .conflictingContentLength }
+            result = current
+            current = 0
+            digits = 0
+        }
+        while i < value.upperBound {
+            let byte = b[i]
+            if byte >= 0x30 && byte <= 0x39 {
+                guard digits < 18 else { throw .invalidContentLength }
+                current = current * 10 + Int(byte - 0x30)
+                digits += 1
+            } else if byte == 0x2C {
+                try finish()
+                while i + 1 < value.upperBound, b[i + 1] == 0x20 || b[i + 1] == 0x09 { i += 1 }
+            } else {
+                throw .invalidContentLength
+            }
+            i += 1
+        }
+        try finish()
+        return result!
+    }
+
+    static func kind(of b: UnsafeRawBufferPointer, _ name: Range<Int>) -> FieldKind {
+        switch name.count {
+        case 4: return equalsIgnoringCase(b, name, "host") ? .host : .other
+        case 6: return equalsIgnoringCase(b, name, "expect") ? .expect : .other
+        case 7: return equalsIgnoringCase(b, name, "upgrade") ? .upgrade : .other
+        case 12: return equalsIgnoringCase(b, name, "content-type") ? .contentType : .other
+        case 13: return equalsIgnoringCase(b, name, "authorization") ? .authorization : .other
+        case 14: return equalsIgnoringCase(b, name, "content-length") ? .contentLength : .other
+        case 16: return equalsIgnoringCase(b, name, "content-encoding") ? .contentEncoding : .other
+        case 17: return equalsIgnoringCase(b, name, "transfer-encoding") ? .transferEncoding : .other
+        case 19: return equalsIgnoringCase(b, name, "proxy-authorization") ? .authorization : .other
+        default: return .other
+        }
+    }
+
+    /// ASCII case-insensitive comparison against a lower-case literal.
+    @inline(__always)
+    static func equalsIgnoringCase(_ b: UnsafeRawBufferPointer, _ range: Range<Int>, _ lower: StaticString) -> Bool {
+        guard range.count == lower.utf8CodeUnitCount else { return false }
+        let literal = lower.utf8Start
+        for k in 0..<range.count {
+            var byte = b[range.lowerBound + k]
+            if byte >= 0x41 && byte <= 0x5A { byte |= 0x20 }
+            if byte != literal[k] { return false }
+        }
+        return true
+    }
+
+    /// The host part of a `Host` value or an authority: no userinfo, no port, brackets
+    /// removed from IPv6 literals. Returns nil when the value is not a plain authority.
+    static func hostPart(_ b: UnsafeRawBufferPointer, _ range: Range<Int>) -> Range<Int>? {
+        guard !range.isEmpty else { return nil }
+        for i in range where b[i] == 0x40 { return nil }  // userinfo is never acceptable
+        if b[range.lowerBound] == 0x5B {  // [v6]:port
+            var end = range.lowerBound + 1
+            while end < range.upperBound, b[end] != 0x5D { end += 1 }
+            guard end < range.upperBound else { return nil }
+            let rest = (end + 1)..<range.upperBound
+            guard rest.isEmpty || validPort(b, rest) else { return nil }
+            return (range.lowerBound + 1)..<end
+        }
+        var colon = range.upperBound
+        for i in range where b[i] == 0x3A {
+            colon = i
+            break
+        }
+        if colon < range.upperBound {
+            guard validPort(b, colon..<range.upperBound) else { return nil }
+        }
+        let host = range.lowerBound..<colon
+        return host.isEmpty ? nil : host
+    }
+
+    private static func validPort(_ b: UnsafeRawBufferPointer, _ range: Range<Int>) -> Bool {
+        guard b[range.lowerBound] == 0x3A else { return false }
+        let digits = (range.lowerBound + 1)..<range.upperBound
+        return digits.count <= 5 && digits.allSatisfy { b[$0] >= 0x30 && b[$0] <= 0x39 }
+    }
+}

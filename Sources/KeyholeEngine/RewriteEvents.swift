@@ -1,0 +1,108 @@
+/// Where in a request a placeholder was found.
+public enum Site: String, Sendable, Hashable {
+    case method
+    case path
+    case query
+    case headerName = "header-name"
+    case header
+    case basicAuth = "basic_auth"
+    case body
+    case trailer
+    /// After a `101 Switching Protocols` (or a `CONNECT` tunnel): relayed and scanned.
+    case upgraded = "upgraded-stream"
+    /// A connection that is not HTTP: relayed and scanned.
+    case opaque = "opaque-stream"
+}
+
+/// Why a placeholder was not substituted (the request is blocked).
+public enum ViolationReason: String, Sendable, Hashable {
+    case hostNotAllowed = "host-not-allowed"
+    case hostMismatch = "host-header-mismatch"
+    case unknownDestination = "unknown-destination"
+    case dnsNotPinned = "dns-not-pinned"
+    case plainHTTP = "tls-identity-required"
+    case upstreamUnverified = "upstream-unverified"
+    case injectionDisabled = "injection-disabled"
+    case neverSubstituted = "site-never-substituted"
+    case encodedForm = "form-not-substitutable"
+    case contentEncoded = "content-encoded-body"
+}
+
+/// The request a decision was about. Never carries the query (it can hold credentials).
+public struct RequestSummary: Sendable, Hashable {
+    public var method: String
+    /// The request target's path, without query.
+    public var path: String
+    /// The `Host` header, if exactly one was present.
+    public var host: String?
+
+    public init(method: String, path: String, host: String?) {
+        self.method = method
+        self.path = path
+        self.host = host
+    }
+}
+
+public struct Violation: Sendable, Hashable {
+    /// The secret's environment variable name (never its value).
+    public var secret: String
+    public var site: Site
+    public var form: PlaceholderForm
+    public var reason: ViolationReason
+    public var request: RequestSummary?
+}
+
+/// Ways a request stream can be broken. Any of them ends the connection (BRIEF §4).
+public enum FramingError: String, Sendable, Hashable, Error {
+    case headerBlockTooLarge = "header-block-too-large"
+    case malformedRequestLine = "malformed-request-line"
+    case unsupportedHTTPVersion = "unsupported-http-version"
+    case bareCR = "bare-cr"
+    case bareLF = "bare-lf"
+    case nulByte = "nul-byte"
+    case controlCharacter = "control-character"
+    case obsFold = "obs-fold"
+    case invalidHeaderName = "invalid-header-name"
+    case contentLengthWithTransferEncoding = "content-length-with-transfer-encoding"
+    case conflictingContentLength = "conflicting-content-length"
+    case invalidContentLength = "invalid-content-length"
+    case unsupportedTransferEncoding = "unsupported-transfer-encoding"
+    case transferEncodingInHTTP10 = "transfer-encoding-in-http-1.0"
+    case malformedChunk = "malformed-chunk"
+    case trailersTooLarge = "trailers-too-large"
+    case bodyTooLargeToSubstitute = "body-too-large-to-substitute"
+    case incompleteRequest = "incomplete-request"
+
+    public var explanation: String {
+        switch self {
+        case .headerBlockTooLarge: return "the header block is larger than the limit"
+        case .malformedRequestLine: return "the request line is not METHOD SP target SP HTTP/1.x"
+        case .unsupportedHTTPVersion: return "only HTTP/1.0 and HTTP/1.1 are handled"
+        case .bareCR: return "a CR not followed by LF in the header block"
+        case .bareLF: return "a LF without CR in the header block"
+        case .nulByte: return "a NUL byte in the header block"
+        case .controlCharacter: return "a control character in the header block"
+        case .obsFold: return "an obsolete line folding (a header line starting with whitespace)"
+        case .invalidHeaderName: return "a header name that is not a token (or whitespace before the colon)"
+        case .contentLengthWithTransferEncoding: return "both Content-Length and Transfer-Encoding"
+        case .conflictingContentLength: return "several Content-Length values that differ"
+        case .invalidContentLength: return "a Content-Length that is not a decimal number"
+        case .unsupportedTransferEncoding: return "a Transfer-Encoding other than chunked"
+        case .transferEncodingInHTTP10: return "Transfer-Encoding in an HTTP/1.0 request"
+        case .malformedChunk: return "a malformed chunk in a chunked body"
+        case .trailersTooLarge: return "the chunked trailers are larger than the limit"
+        case .bodyTooLargeToSubstitute: return "the body exceeds the limit for body substitution"
+        case .incompleteRequest: return "the connection ended in the middle of a request"
+        }
+    }
+}
+
+/// What the engine decided, in order. No event ever carries a secret's value.
+public enum RewriteEvent: Sendable, Hashable {
+    /// A placeholder was replaced by the real value (reported once per request, secret and site).
+    case substituted(secret: String, site: Site, request: RequestSummary)
+    /// A placeholder bound where it may not go: the connection must be reset.
+    case violation(Violation)
+    /// The stream is not valid HTTP/1.x framing: the connection must be reset.
+    case framingError(FramingError, request: RequestSummary?)
+}

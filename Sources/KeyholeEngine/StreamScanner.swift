@@ -1,0 +1,129 @@
+import NIOCore
+
+/// One decided piece of a scanned stream.
+enum StreamItem {
+    /// Bytes with no placeholder in them: a slice of the input, never a copy.
+    case data(ByteBuffer)
+    /// A placeholder occupying `length` input bytes.
+    case match(secret: Int, form: PlaceholderForm, length: Int)
+}
+
+/// Scans a byte stream that arrives in arbitrary pieces for placeholders, deciding every
+/// byte exactly once and forwarding placeholder-free runs as slices of the input.
+///
+/// A candidate near the end of what has arrived is held back until enough bytes follow to
+/// decide it (at most `PlaceholderMatcher.lookahead`), so a placeholder split across reads,
+/// TLS records or chunks is found. The decision never depends on how the input was split.
+struct StreamScanner {
+    let matcher: PlaceholderMatcher
+    private var pending: [ByteBuffer] = []
+    /// Bytes of `pending[0]` before this offset are known not to start a placeholder.
+    private var scanOffset = 0
+    /// The last byte decided (for the token boundary before a placeholder).
+    private(set) var previous: UInt8?
+    /// Stream position of the first undecided byte.
+    private(set) var position = 0
+    /// Input bytes copied into scratch space to decide candidates split across pieces.
+    private(set) var scratchBytes = 0
+
+    init(matcher: PlaceholderMatcher) {
+        self.matcher = matcher
+    }
+
+    var pendingByteCount: Int { pending.reduce(0) { $0 + $1.readableBytes } }
+
+    mutating func append(_ buffer: ByteBuffer) {
+        if buffer.readableBytes > 0 { pending.append(buffer) }
+    }
+
+    /// Decides as much as possible; with `final`, everything.
+    mutating func drain(final: Bool, into items: inout [StreamItem]) {
+        while !pending.isEmpty {
+            let buffer = pending[0]
+            let from = scanOffset
+            let candidate = buffer.withUnsafeReadableBytes { matcher.nextCandidate(in: $0, from: from) }
+            guard let c = candidate else {
+                emitData(buffer, into: &items)
+                pending.removeFirst()
+                scanOffset = 0
+                continue
+            }
+            let isLastPiece = pending.count == 1
+            let available = buffer.readableBytes - c
+            let result: PlaceholderMatcher.Result
+            if available >= matcher.lookahead || isLastPiece {
+                let prior = previous
+                result = buffer.withUnsafeReadableBytes { bytes in
+                    matcher.match(bytes, at: c, previous: c > 0 ? bytes[c - 1] : prior, final: final && isLastPiece)
+                }
+            } else {
+                // The candidate straddles pieces: decide it on a small copy of the bytes around it.
+                var scratch: [UInt8] = []
+                scratch.reserveCapacity(matcher.lookahead)
+                buffer.withUnsafeReadableBytes { scratch.append(contentsOf: $0[c...]) }
+                var consumedAll = true
+                for next in pending.dropFirst() {
+                    let need = matcher.lookahead - scratch.count
+                    if need <= 0 {
+                        consumedAll = false
+                        break
+                    }
+                    next.withUnsafeReadableBytes { scratch.append(contentsOf: $0.prefix(need)) }
+                    if next.readableBytes > need { consumedAll = false }
+                }
+                scratchBytes += scratch.count
+                let prior = c > 0 ? buffer.getInteger(at: buffer.readerIndex + c - 1, as: UInt8.self) : previous
+                result = scratch.withUnsafeBytes {
+                    matcher.match($0, at: 0, previous: prior, final: final && consumedAll)
+                }
+            }
+            switch result {
+            case .none:
+                scanOffset = c + 1
+            case .needMore:
+                splitOff(c, into: &items)
+                return
+            case .match(let secret, let form, let length):
+                splitOff(c, into: &items)
+                items.append(.match(secret: secret, form: form, length: length))
+                consume(length)
+            }
+        }
+    }
+
+    private mutating func emitData(_ buffer: ByteBuffer, into items: inout [StreamItem]) {
+        guard buffer.readableBytes > 0 else { return }
+        previous = buffer.getInteger(at: buffer.writerIndex - 1, as: UInt8.self)
+        position += buffer.readableBytes
+        items.append(.data(buffer))
+    }
+
+    /// Emits the first `count` bytes of `pending[0]` as data; the rest stays pending.
+    private mutating func splitOff(_ count: Int, into items: inout [StreamItem]) {
+        if count > 0 {
+            let head = pending[0].getSlice(at: pending[0].readerIndex, length: count)!
+            emitData(head, into: &items)
+            pending[0].moveReaderIndex(forwardBy: count)
+        }
+        scanOffset = 0
+    }
+
+    /// Drops `count` bytes (a matched placeholder) from the front of `pending`.
+    private mutating func consume(_ count: Int) {
+        var remaining = count
+        while remaining > 0, !pending.isEmpty {
+            let available = pending[0].readableBytes
+            if available <= remaining {
+                remaining -= available
+                previous = pending[0].getInteger(at: pending[0].writerIndex - 1, as: UInt8.self)
+                pending.removeFirst()
+            } else {
+                previous = pending[0].getInteger(at: pending[0].readerIndex + remaining - 1, as: UInt8.self)
+                pending[0].moveReaderIndex(forwardBy: remaining)
+                remaining = 0
+            }
+        }
+        position += count
+        scanOffset = 0
+    }
+}
