@@ -1,10 +1,13 @@
 # Keyhole: the two commands the README opens with, and their parts.
 #   make demo   builds Keyhole and runs its main job end to end on the builtin defaults
-#   make test   builds and runs the whole test suite
+#   make test   builds and runs the whole test suite (unit, property, corpus, end-to-end,
+#               then a short fuzz run of the engine)
 SWIFT ?= swift
 KEYHOLE = .build/debug/keyhole
 
-.PHONY: all deps build test demo clean
+FUZZ_SECONDS ?= 60
+
+.PHONY: all deps build test unit-test fuzz bench demo clean
 
 all: build
 
@@ -14,12 +17,20 @@ deps:
 build: deps
 	$(SWIFT) build
 
-test: deps
+test: unit-test fuzz
+
+unit-test: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+
+fuzz: deps
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+bench:
+	cd bench && $(SWIFT) package --allow-writing-to-package-directory benchmark --target EngineBenchmarks
 
 demo: build
 	@scripts/demo.sh
 
 clean:
-	rm -rf .build .keyhole-demo
+	rm -rf .build .keyhole-demo bench/.build fuzz/.build-fuzz

@@ -31,11 +31,13 @@ let package = Package(
             dependencies: [.product(name: "Yams", package: "Yams")],
             swiftSettings: strict
         ),
+        // SIMD byte-set scans (AVX2 / SSE2, chosen at run time) for the engine's hot loops.
+        .target(name: "CKeyholeSIMD"),
         // Pure: bytes in, bytes out. Depends on NIOCore only for ByteBuffer.
         .target(
             name: "KeyholeEngine",
             dependencies: [
-                "KeyholePolicy",
+                "KeyholePolicy", "CKeyholeSIMD",
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: strict
@@ -43,6 +45,7 @@ let package = Package(
         .target(
             name: "KeyholeTLS",
             dependencies: [
+                "KeyholePolicy",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
@@ -93,6 +96,7 @@ let package = Package(
         .testTarget(
             name: "KeyholeEngineTests",
             dependencies: ["KeyholeEngine", "KeyholePolicy", .product(name: "NIOCore", package: "swift-nio")],
+            exclude: ["Fixtures"],
             swiftSettings: strict
         ),
         .testTarget(name: "KeyholeTLSTests", dependencies: ["KeyholeTLS"], swiftSettings: strict),

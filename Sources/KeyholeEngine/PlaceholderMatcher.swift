@@ -62,6 +62,11 @@ public struct PlaceholderMatcher: Sendable {
         (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x5F
     }
 
+    /// Index of the first byte at which a placeholder could start (benchmarks, tools).
+    public func firstCandidate(in bytes: UnsafeRawBufferPointer) -> Int? {
+        nextCandidate(in: bytes, from: 0)
+    }
+
     /// Index of the next byte at which a placeholder could start, from `from`.
     @inline(__always)
     func nextCandidate(in bytes: UnsafeRawBufferPointer, from: Int) -> Int? {

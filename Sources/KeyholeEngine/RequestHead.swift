@@ -1,3 +1,5 @@
+import CKeyholeSIMD
+
 /// A parsed HTTP/1.x request head: offsets into the header block, nothing copied.
 struct RequestHead {
     struct Field {
@@ -12,6 +14,10 @@ struct RequestHead {
     enum FieldKind {
         case other, host, contentLength, transferEncoding, authorization, upgrade, expect, contentEncoding, contentType
     }
+
+    static let maxLines = 1024
+    /// Offsets of each line's LF, reused between requests.
+    var lineEnds: [UInt32] = []
 
     var method: Range<Int> = 0..<0
     var target: Range<Int> = 0..<0
@@ -35,17 +41,51 @@ struct RequestHead {
     var contentEncoded = false
     var formBody = false
 
-    static let tokenTable: [Bool] = {
-        var table = [Bool](repeating: false, count: 256)
-        for b in UInt8(ascii: "a")...UInt8(ascii: "z") { table[Int(b)] = true }
-        for b in UInt8(ascii: "A")...UInt8(ascii: "Z") { table[Int(b)] = true }
-        for b in UInt8(ascii: "0")...UInt8(ascii: "9") { table[Int(b)] = true }
-        for b in "!#$%&'*+-.^_`|~".utf8 { table[Int(b)] = true }
-        return table
-    }()
+    /// RFC 9110 tchar, as two 128-bit masks (no table lookups through a lazy global).
+    @inline(__always)
+    static func isToken(_ b: UInt8) -> Bool {
+        // Bits set for: ! # $ % & ' * + - . 0-9 (0x21–0x3F range) ...
+        let low: UInt64 = 0x03FF_6CFA_0000_0000  // ! # $ % & ' * + - . 0-9
+        let high: UInt64 = 0x57FF_FFFF_C7FF_FFFE  // A-Z ^ _ ` a-z | ~
+        if b < 64 { return (low >> UInt64(b)) & 1 == 1 }
+        if b < 128 { return (high >> UInt64(b - 64)) & 1 == 1 }
+        return false
+    }
 
-    /// Parses a complete head (ending in CRLF CRLF). `fields` keeps its capacity between
-    /// requests of one connection.
+    enum LineScan: Equatable {
+        case incomplete
+        /// The head is complete and this long (through its empty line).
+        case complete(Int)
+        case error(FramingError)
+    }
+
+    /// Lines found by the last `scanLines`.
+    var lineCount = 0
+
+    /// One SIMD pass that finds where the head ends, splits it into lines and validates
+    /// every control byte (bare CR/LF, NUL, other controls) on the way.
+    mutating func scanLines(_ b: UnsafeRawBufferPointer) -> LineScan {
+        guard b.count > 0 else { return .incomplete }
+        if lineEnds.count < Self.maxLines { lineEnds = [UInt32](repeating: 0, count: Self.maxLines) }
+        var offending = 0
+        let result = lineEnds.withUnsafeMutableBufferPointer { ends in
+            keyhole_head_lines(b.baseAddress!.assumingMemoryBound(to: UInt8.self), b.count, ends.baseAddress!, Self.maxLines, &offending)
+        }
+        switch result {
+        case -1: return .error(.bareLF)
+        case -2: return .error(.bareCR)
+        case -3: return .error(.nulByte)
+        case -4: return .error(.controlCharacter)
+        case -5: return .error(.tooManyHeaderFields)
+        case -6: return .incomplete
+        default:
+            lineCount = result
+            return .complete(Int(lineEnds[result - 1]) + 1)
+        }
+    }
+
+    /// Parses the head found by `scanLines` (`b` starts where the scanned bytes started).
+    /// `fields` keeps its capacity between requests of one connection.
     mutating func parse(_ b: UnsafeRawBufferPointer) throws(FramingError) {
         fields.removeAll(keepingCapacity: true)
         hostField = nil
@@ -61,41 +101,17 @@ struct RequestHead {
         authority = nil
         length = b.count
 
-        var lineStart = 0
-        var lineNumber = 0
-        var searchFrom = 0
         var sawTransferEncoding = false
-        while true {
-            // Find the LF ending this line, validating every control byte on the way.
-            var lf = -1
-            while let i = ControlScanner.firstIndex(in: b, from: searchFrom) {
-                let byte = b[i]
-                if byte == 0x0A {
-                    guard i > lineStart, b[i - 1] == 0x0D else { throw .bareLF }
-                    lf = i
-                    searchFrom = i + 1
-                    break
-                } else if byte == 0x0D {
-                    guard i + 1 < b.count, b[i + 1] == 0x0A else { throw .bareCR }
-                    searchFrom = i + 1
-                } else if byte == 0x09 {
-                    searchFrom = i + 1
-                } else if byte == 0x00 {
-                    throw .nulByte
-                } else {
-                    throw .controlCharacter
-                }
-            }
-            guard lf >= 0 else { throw .malformedRequestLine }  // unreachable for a complete head
-            let contentEnd = lf - 1  // position of the CR
-            if lineNumber == 0 {
+        var lineStart = 0
+        guard lineCount >= 2 else { throw .malformedRequestLine }
+        for index in 0..<(lineCount - 1) {  // the last line is the empty one
+            let lf = Int(lineEnds[index])
+            let contentEnd = lf - 1  // the CR
+            if index == 0 {
                 try parseRequestLine(b, lineStart..<contentEnd)
-            } else if contentEnd == lineStart {
-                break  // the empty line ending the head
             } else {
                 try parseField(b, line: lineStart..<(lf + 1), content: lineStart..<contentEnd, sawTransferEncoding: &sawTransferEncoding)
             }
-            lineNumber += 1
             lineStart = lf + 1
         }
         if chunked && contentLength != nil { throw .contentLengthWithTransferEncoding }
@@ -104,12 +120,13 @@ struct RequestHead {
 
     private mutating func parseRequestLine(_ b: UnsafeRawBufferPointer, _ line: Range<Int>) throws(FramingError) {
         var i = line.lowerBound
-        while i < line.upperBound, Self.tokenTable[Int(b[i])] { i += 1 }
+        while i < line.upperBound, Self.isToken(b[i]) { i += 1 }
         guard i > line.lowerBound, i < line.upperBound, b[i] == 0x20 else { throw .malformedRequestLine }
         method = line.lowerBound..<i
         i += 1
         let targetStart = i
-        while i < line.upperBound, b[i] > 0x20, b[i] < 0x7F { i += 1 }
+        let p = b.baseAddress!.assumingMemoryBound(to: UInt8.self)
+        i = targetStart + keyhole_find_nonvisible(p + targetStart, line.upperBound - targetStart)
         guard i > targetStart, i < line.upperBound, b[i] == 0x20 else { throw .malformedRequestLine }
         target = targetStart..<i
         i += 1
@@ -156,20 +173,23 @@ struct RequestHead {
     private mutating func parseField(
         _ b: UnsafeRawBufferPointer, line: Range<Int>, content: Range<Int>, sawTransferEncoding: inout Bool
     ) throws(FramingError) {
-        let first = b[content.lowerBound]
+        let p = b.baseAddress!.assumingMemoryBound(to: UInt8.self)
+        let first = p[content.lowerBound]
         if first == 0x20 || first == 0x09 { throw .obsFold }
         var i = content.lowerBound
-        while i < content.upperBound, Self.tokenTable[Int(b[i])] { i += 1 }
-        guard i > content.lowerBound, i < content.upperBound, b[i] == 0x3A else { throw .invalidHeaderName }
+        let end = content.upperBound
+        while i < end, Self.isToken(p[i]) { i += 1 }
+        guard i > content.lowerBound, i < end, p[i] == 0x3A else { throw .invalidHeaderName }
         let name = content.lowerBound..<i
         var valueStart = i + 1
-        var valueEnd = content.upperBound
-        while valueStart < valueEnd, b[valueStart] == 0x20 || b[valueStart] == 0x09 { valueStart += 1 }
-        while valueEnd > valueStart, b[valueEnd - 1] == 0x20 || b[valueEnd - 1] == 0x09 { valueEnd -= 1 }
+        var valueEnd = end
+        while valueStart < valueEnd, p[valueStart] == 0x20 || p[valueStart] == 0x09 { valueStart += 1 }
+        while valueEnd > valueStart, p[valueEnd - 1] == 0x20 || p[valueEnd - 1] == 0x09 { valueEnd -= 1 }
         let value = valueStart..<valueEnd
         let kind = Self.kind(of: b, name)
-        let index = fields.count
         fields.append(Field(line: line, name: name, value: value, kind: kind))
+        if kind == .other || kind == .authorization { return }
+        let index = fields.count - 1
         switch kind {
         case .host:
             hostCount += 1
@@ -245,15 +265,24 @@ struct RequestHead {
         }
     }
 
-    /// ASCII case-insensitive comparison against a lower-case literal.
+    /// ASCII case-insensitive comparison against a lower-case literal of letters, digits and
+    /// '-'. Compares eight bytes at a time: OR-ing 0x20 lower-cases letters and leaves
+    /// digits and '-' as they are.
     @inline(__always)
     static func equalsIgnoringCase(_ b: UnsafeRawBufferPointer, _ range: Range<Int>, _ lower: StaticString) -> Bool {
-        guard range.count == lower.utf8CodeUnitCount else { return false }
-        let literal = lower.utf8Start
-        for k in 0..<range.count {
-            var byte = b[range.lowerBound + k]
-            if byte >= 0x41 && byte <= 0x5A { byte |= 0x20 }
-            if byte != literal[k] { return false }
+        let count = range.count
+        guard count == lower.utf8CodeUnitCount else { return false }
+        let input = b.baseAddress! + range.lowerBound
+        let literal = UnsafeRawPointer(lower.utf8Start)
+        var k = 0
+        while k + 8 <= count {
+            let x = input.loadUnaligned(fromByteOffset: k, as: UInt64.self) | 0x2020_2020_2020_2020
+            if x != literal.loadUnaligned(fromByteOffset: k, as: UInt64.self) { return false }
+            k += 8
+        }
+        while k < count {
+            if input.load(fromByteOffset: k, as: UInt8.self) | 0x20 != literal.load(fromByteOffset: k, as: UInt8.self) { return false }
+            k += 1
         }
         return true
     }

@@ -1,3 +1,5 @@
+import NIOCore
+
 /// Where in a request a placeholder was found.
 public enum Site: String, Sendable, Hashable {
     case method
@@ -29,18 +31,63 @@ public enum ViolationReason: String, Sendable, Hashable {
 }
 
 /// The request a decision was about. Never carries the query (it can hold credentials).
+/// Built lazily from the request head, so requests that produce no event pay nothing.
 public struct RequestSummary: Sendable, Hashable {
-    public var method: String
-    /// The request target's path, without query.
-    public var path: String
-    /// The `Host` header, if exactly one was present.
-    public var host: String?
+    enum Storage: Sendable {
+        case strings(method: String, path: String, host: String?)
+        case head(ByteBuffer, method: Range<Int>, path: Range<Int>, host: Range<Int>?)
+    }
+
+    let storage: Storage
 
     public init(method: String, path: String, host: String?) {
-        self.method = method
-        self.path = path
-        self.host = host
+        storage = .strings(method: method, path: path, host: host)
     }
+
+    init(head: ByteBuffer, method: Range<Int>, path: Range<Int>, host: Range<Int>?) {
+        storage = .head(head, method: method, path: path, host: host)
+    }
+
+    private func text(_ head: ByteBuffer, _ range: Range<Int>) -> String {
+        head.getString(at: head.readerIndex + range.lowerBound, length: range.count) ?? ""
+    }
+
+    public var method: String {
+        switch storage {
+        case .strings(let method, _, _): return method
+        case .head(let head, let method, _, _): return text(head, method)
+        }
+    }
+
+    /// The request target's path, without query.
+    public var path: String {
+        switch storage {
+        case .strings(_, let path, _): return path
+        case .head(let head, _, let path, _): return text(head, path)
+        }
+    }
+
+    /// The `Host` header, if exactly one was present.
+    public var host: String? {
+        switch storage {
+        case .strings(_, _, let host): return host
+        case .head(let head, _, _, let host): return host.map { text(head, $0) }
+        }
+    }
+
+    public static func == (a: RequestSummary, b: RequestSummary) -> Bool {
+        a.method == b.method && a.path == b.path && a.host == b.host
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(method)
+        hasher.combine(path)
+        hasher.combine(host)
+    }
+}
+
+extension RequestSummary: CustomStringConvertible {
+    public var description: String { "\(method) \(path) (Host: \(host ?? "-"))" }
 }
 
 public struct Violation: Sendable, Hashable {
@@ -55,6 +102,7 @@ public struct Violation: Sendable, Hashable {
 /// Ways a request stream can be broken. Any of them ends the connection (BRIEF §4).
 public enum FramingError: String, Sendable, Hashable, Error {
     case headerBlockTooLarge = "header-block-too-large"
+    case tooManyHeaderFields = "too-many-header-fields"
     case malformedRequestLine = "malformed-request-line"
     case unsupportedHTTPVersion = "unsupported-http-version"
     case bareCR = "bare-cr"
@@ -76,6 +124,7 @@ public enum FramingError: String, Sendable, Hashable, Error {
     public var explanation: String {
         switch self {
         case .headerBlockTooLarge: return "the header block is larger than the limit"
+        case .tooManyHeaderFields: return "the header block has more than 1023 fields"
         case .malformedRequestLine: return "the request line is not METHOD SP target SP HTTP/1.x"
         case .unsupportedHTTPVersion: return "only HTTP/1.0 and HTTP/1.1 are handled"
         case .bareCR: return "a CR not followed by LF in the header block"

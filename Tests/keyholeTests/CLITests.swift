@@ -23,6 +23,7 @@ enum CLI {
         var status: Int32
         var stdout: String
         var stderr: String
+        var stdoutBytes = Data()
         var all: String { stdout + stderr }
     }
 
@@ -53,7 +54,7 @@ enum CLI {
         while reader.isExecuting { usleep(1000) }
         return Result(
             status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-            stderr: String(decoding: errData, as: UTF8.self))
+            stderr: String(decoding: errData, as: UTF8.self), stdoutBytes: outData)
     }
 }
 
@@ -233,5 +234,31 @@ struct UnavailableCommandTests {
         let run = try CLI.run(arguments)
         #expect(run.status == 2)
         #expect(run.stderr.contains("not available yet"))
+    }
+}
+
+@Suite("keyhole rewrite on the engine corpus")
+struct RewriteCorpusCLITests {
+    static let directory = CLI.root + "/Tests/KeyholeEngineTests/Fixtures/corpus"
+    static let cases: [String] = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
+        .filter { $0.hasSuffix(".http") }.map { String($0.dropLast(5)) }.sorted()
+
+    @Test(arguments: cases)
+    func outputIsIdenticalForChunkSizes1And7And65536(_ name: String) throws {
+        let dir = Self.directory
+        let input = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/\(name).http"))
+        let expectedOut = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/\(name).out"))
+        let expectedEvents = try String(contentsOfFile: "\(dir)/\(name).events", encoding: .utf8)
+        let args = try String(contentsOfFile: "\(dir)/\(name).args", encoding: .utf8).split(whereSeparator: \.isWhitespace).map(String.init)
+        let blocked = expectedEvents.contains("\"event\":\"violation\"") || expectedEvents.contains("\"event\":\"framing-error\"")
+        for size in ["1", "7", "65536"] {
+            let run = try CLI.run(["rewrite", "--policy", "policy.yaml"] + args + ["--chunk-size", size], cwd: dir, stdin: input)
+            #expect(run.status == (blocked ? 3 : 0), "\(name) chunk \(size)")
+            #expect(run.stdoutBytes == expectedOut, "\(name) chunk \(size)")
+            #expect(run.stderr == expectedEvents, "\(name) chunk \(size)")
+            for value in ["corpus-real-token", "corpus-other-value", "corpus-plain-value"] {
+                #expect(!run.stderr.contains(value))
+            }
+        }
     }
 }

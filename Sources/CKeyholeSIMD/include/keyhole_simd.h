@@ -1,0 +1,29 @@
+#ifndef KEYHOLE_SIMD_H
+#define KEYHOLE_SIMD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/// Index of the first byte of p[0..<n] equal to one of needles[0..<count] (count 1...4),
+/// or n when there is none. AVX2 when the CPU has it, SSE2 otherwise (x86-64), portable C
+/// elsewhere.
+size_t keyhole_find_any(const uint8_t *p, size_t n, const uint8_t *needles, size_t count);
+
+/// Index of the first control byte (< 0x20 or 0x7F) of p[0..<n], or n.
+size_t keyhole_find_control(const uint8_t *p, size_t n);
+
+/// Index of the first byte of p[0..<n] that is not visible ASCII (<= 0x20 or >= 0x7F), or n.
+size_t keyhole_find_nonvisible(const uint8_t *p, size_t n);
+
+/// Splits an HTTP head into lines and validates its control bytes in one pass.
+/// Writes the offset of each line's LF into lf_offsets (at most max_lines) and returns how
+/// many lines were found (the head ends at its first empty line, which is included), or a
+/// negative code: -1 bare LF, -2 bare CR, -3 NUL, -4 another control byte, -5 too many
+/// lines, -6 the head is not complete yet (no empty line, or a CR at the very end).
+/// *where receives the offending offset.
+long keyhole_head_lines(const uint8_t *p, size_t n, uint32_t *lf_offsets, size_t max_lines, size_t *where);
+
+/// The implementation chosen for this CPU ("avx2", "sse2" or "portable"), for benchmarks.
+const char *keyhole_simd_implementation(void);
+
+#endif

@@ -1,0 +1,229 @@
+// SIMD byte-set scans for the substitution engine's hot loops. Swift's portable SIMD
+// types cannot express movemask/ctz or per-function CPU targets; these few lines can, and
+// they are what lets placeholder-free bytes stream at memchr-class speed.
+#include "keyhole_simd.h"
+
+#include <string.h>
+
+static size_t find_any_portable(const uint8_t *p, size_t n, const uint8_t *needles, size_t count) {
+    if (count == 1) {
+        const uint8_t *hit = memchr(p, needles[0], n);
+        return hit ? (size_t)(hit - p) : n;
+    }
+    for (size_t i = 0; i < n; i++) {
+        for (size_t k = 0; k < count; k++) {
+            if (p[i] == needles[k]) return i;
+        }
+    }
+    return n;
+}
+
+static size_t find_control_portable(const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] < 0x20 || p[i] == 0x7F) return i;
+    }
+    return n;
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+__attribute__((target("avx2"))) static size_t find_any_avx2(const uint8_t *p, size_t n, const uint8_t *needles, size_t count) {
+    const __m256i a = _mm256_set1_epi8((char)needles[0]);
+    const __m256i b = _mm256_set1_epi8((char)needles[count > 1 ? 1 : 0]);
+    const __m256i c = _mm256_set1_epi8((char)needles[count > 2 ? 2 : 0]);
+    const __m256i d = _mm256_set1_epi8((char)needles[count > 3 ? 3 : 0]);
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(p + i));
+        __m256i y = _mm256_loadu_si256((const __m256i *)(p + i + 32));
+        __m256i mx = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x, a), _mm256_cmpeq_epi8(x, b)),
+                                     _mm256_or_si256(_mm256_cmpeq_epi8(x, c), _mm256_cmpeq_epi8(x, d)));
+        __m256i my = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(y, a), _mm256_cmpeq_epi8(y, b)),
+                                     _mm256_or_si256(_mm256_cmpeq_epi8(y, c), _mm256_cmpeq_epi8(y, d)));
+        uint64_t mask = (uint32_t)_mm256_movemask_epi8(mx) | ((uint64_t)(uint32_t)_mm256_movemask_epi8(my) << 32);
+        if (mask) return i + (size_t)__builtin_ctzll(mask);
+    }
+    for (; i + 32 <= n; i += 32) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(p + i));
+        __m256i mx = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(x, a), _mm256_cmpeq_epi8(x, b)),
+                                     _mm256_or_si256(_mm256_cmpeq_epi8(x, c), _mm256_cmpeq_epi8(x, d)));
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(mx);
+        if (mask) return i + (size_t)__builtin_ctz(mask);
+    }
+    return i + find_any_portable(p + i, n - i, needles, count);
+}
+
+static size_t find_any_sse2(const uint8_t *p, size_t n, const uint8_t *needles, size_t count) {
+    const __m128i a = _mm_set1_epi8((char)needles[0]);
+    const __m128i b = _mm_set1_epi8((char)needles[count > 1 ? 1 : 0]);
+    const __m128i c = _mm_set1_epi8((char)needles[count > 2 ? 2 : 0]);
+    const __m128i d = _mm_set1_epi8((char)needles[count > 3 ? 3 : 0]);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(p + i));
+        __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, a), _mm_cmpeq_epi8(x, b)),
+                                 _mm_or_si128(_mm_cmpeq_epi8(x, c), _mm_cmpeq_epi8(x, d)));
+        int mask = _mm_movemask_epi8(m);
+        if (mask) return i + (size_t)__builtin_ctz((unsigned)mask);
+    }
+    return i + find_any_portable(p + i, n - i, needles, count);
+}
+
+__attribute__((target("avx2"))) static size_t find_control_avx2(const uint8_t *p, size_t n) {
+    // A byte is a control byte when (byte + 0x80 as signed) < (0x20 + 0x80) signed, or == 0x7F.
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    const __m256i limit = _mm256_set1_epi8((char)(0x20 ^ 0x80));
+    const __m256i del = _mm256_set1_epi8(0x7F);
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(p + i));
+        __m256i low = _mm256_cmpgt_epi8(limit, _mm256_xor_si256(x, bias));
+        __m256i m = _mm256_or_si256(low, _mm256_cmpeq_epi8(x, del));
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(m);
+        if (mask) return i + (size_t)__builtin_ctz(mask);
+    }
+    return i + find_control_portable(p + i, n - i);
+}
+
+static size_t find_control_sse2(const uint8_t *p, size_t n) {
+    const __m128i bias = _mm_set1_epi8((char)0x80);
+    const __m128i limit = _mm_set1_epi8((char)(0x20 ^ 0x80));
+    const __m128i del = _mm_set1_epi8(0x7F);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(p + i));
+        __m128i low = _mm_cmpgt_epi8(limit, _mm_xor_si128(x, bias));
+        int mask = _mm_movemask_epi8(_mm_or_si128(low, _mm_cmpeq_epi8(x, del)));
+        if (mask) return i + (size_t)__builtin_ctz((unsigned)mask);
+    }
+    return i + find_control_portable(p + i, n - i);
+}
+
+static int has_avx2(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return cached;
+}
+
+size_t keyhole_find_any(const uint8_t *p, size_t n, const uint8_t *needles, size_t count) {
+    if (count == 1) return find_any_portable(p, n, needles, 1);  // libc memchr is already vectorised
+    return has_avx2() ? find_any_avx2(p, n, needles, count) : find_any_sse2(p, n, needles, count);
+}
+
+size_t keyhole_find_control(const uint8_t *p, size_t n) {
+    return has_avx2() ? find_control_avx2(p, n) : find_control_sse2(p, n);
+}
+
+#endif
+
+size_t keyhole_find_nonvisible(const uint8_t *p, size_t n) {
+    size_t i = 0;
+#if defined(__SSE2__)
+    /* Signed compare trick: visible bytes 0x21..0x7E are exactly those with
+       (b ^ 0x80) in (0x20 ^ 0x80, 0x7F ^ 0x80) as signed values. */
+    const __m128i bias = _mm_set1_epi8((char)0x80);
+    const __m128i lo = _mm_set1_epi8((char)(0x20 ^ 0x80));
+    const __m128i hi = _mm_set1_epi8((char)(0x7F ^ 0x80));
+    for (; i + 16 <= n; i += 16) {
+        __m128i x = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(p + i)), bias);
+        __m128i visible = _mm_and_si128(_mm_cmpgt_epi8(x, lo), _mm_cmpgt_epi8(hi, x));
+        int mask = ~_mm_movemask_epi8(visible) & 0xFFFF;
+        if (mask) return i + (size_t)__builtin_ctz((unsigned)mask);
+    }
+#endif
+    for (; i < n; i++) {
+        if (p[i] <= 0x20 || p[i] >= 0x7F) return i;
+    }
+    return n;
+}
+
+/* Classifies one control byte at k; returns 0 to go on, 1 when the head ended, or a
+   negative code. */
+static inline long head_control(const uint8_t *p, size_t n, size_t k, uint32_t *lf_offsets, size_t max_lines,
+                                size_t *lines, size_t *line_start, size_t *where) {
+    uint8_t c = p[k];
+    if (c == 0x0A) {
+        if (k == 0 || p[k - 1] != 0x0D) { *where = k; return -1; }
+        if (*lines == max_lines) { *where = k; return -5; }
+        lf_offsets[(*lines)++] = (uint32_t)k;
+        if (k - *line_start == 1) return 1; /* CRLF alone: end of head */
+        *line_start = k + 1;
+        return 0;
+    }
+    if (c == 0x0D) {
+        if (k + 1 >= n) { *where = n; return -6; } /* its LF has not arrived yet */
+        if (p[k + 1] != 0x0A) { *where = k; return -2; }
+        return 0;
+    }
+    if (c == 0x09) return 0;
+    *where = k;
+    return c == 0 ? -3 : -4;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) static long head_lines_avx2(const uint8_t *p, size_t n, uint32_t *lf_offsets, size_t max_lines, size_t *where) {
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    const __m256i limit = _mm256_set1_epi8((char)(0x20 ^ 0x80));
+    const __m256i del = _mm256_set1_epi8(0x7F);
+    size_t lines = 0, line_start = 0, i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(p + i));
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(
+            _mm256_or_si256(_mm256_cmpgt_epi8(limit, _mm256_xor_si256(x, bias)), _mm256_cmpeq_epi8(x, del)));
+        while (mask) {
+            size_t k = i + (size_t)__builtin_ctz(mask);
+            mask &= mask - 1;
+            long r = head_control(p, n, k, lf_offsets, max_lines, &lines, &line_start, where);
+            if (r == 1) return (long)lines;
+            if (r < 0) return r;
+        }
+    }
+    for (; i < n; i++) {
+        if (p[i] >= 0x20 && p[i] != 0x7F) continue;
+        long r = head_control(p, n, i, lf_offsets, max_lines, &lines, &line_start, where);
+        if (r == 1) return (long)lines;
+        if (r < 0) return r;
+    }
+    *where = n;
+    return -6;
+}
+#endif
+
+static long head_lines_portable(const uint8_t *p, size_t n, uint32_t *lf_offsets, size_t max_lines, size_t *where) {
+    size_t lines = 0, line_start = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] >= 0x20 && p[i] != 0x7F) continue;
+        long r = head_control(p, n, i, lf_offsets, max_lines, &lines, &line_start, where);
+        if (r == 1) return (long)lines;
+        if (r < 0) return r;
+    }
+    *where = n;
+    return -6;
+}
+
+long keyhole_head_lines(const uint8_t *p, size_t n, uint32_t *lf_offsets, size_t max_lines, size_t *where) {
+#if defined(__x86_64__)
+    if (has_avx2()) return head_lines_avx2(p, n, lf_offsets, max_lines, where);
+#endif
+    return head_lines_portable(p, n, lf_offsets, max_lines, where);
+}
+
+#if defined(__x86_64__)
+
+const char *keyhole_simd_implementation(void) { return has_avx2() ? "avx2" : "sse2"; }
+
+#else
+
+size_t keyhole_find_any(const uint8_t *p, size_t n, const uint8_t *needles, size_t count) {
+    return find_any_portable(p, n, needles, count);
+}
+
+size_t keyhole_find_control(const uint8_t *p, size_t n) { return find_control_portable(p, n); }
+
+const char *keyhole_simd_implementation(void) { return "portable"; }
+
+#endif
