@@ -21,7 +21,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.0"..<"5.0.0"),
         .package(url: "https://github.com/apple/swift-asn1.git", from: "1.3.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
-        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.0.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.0.0"),
     ],
     targets: [
@@ -46,6 +47,7 @@ let package = Package(
             name: "KeyholeTLS",
             dependencies: [
                 "KeyholePolicy",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
@@ -58,7 +60,11 @@ let package = Package(
                 "KeyholePolicy", "KeyholeEngine", "KeyholeTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: strict
         ),
@@ -84,6 +90,7 @@ let package = Package(
                 "KeyholeNetfilter", "KeyholeLauncher",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: strict
         ),
@@ -99,11 +106,20 @@ let package = Package(
             exclude: ["Fixtures"],
             swiftSettings: strict
         ),
-        .testTarget(name: "KeyholeTLSTests", dependencies: ["KeyholeTLS"], swiftSettings: strict),
+        .testTarget(
+            name: "KeyholeTLSTests",
+            dependencies: [
+                "KeyholeTLS",
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ],
+            swiftSettings: strict
+        ),
         .testTarget(name: "KeyholeProxyTests", dependencies: ["KeyholeProxy"], swiftSettings: strict),
         .testTarget(name: "KeyholeNetfilterTests", dependencies: ["KeyholeNetfilter"], swiftSettings: strict),
         .testTarget(name: "KeyholeLauncherTests", dependencies: ["KeyholeLauncher"], swiftSettings: strict),
-        .testTarget(name: "keyholeTests", dependencies: ["keyhole"], swiftSettings: strict),
+        .testTarget(name: "keyholeTests", dependencies: ["keyhole"], exclude: ["Fixtures"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -8,17 +8,6 @@ enum NotAvailable {
     }
 }
 
-struct ProxyCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "proxy",
-        abstract: "Run the appliance in front of a guest-facing interface. (Not available yet.)")
-
-    @Option(help: "Policy file.") var policy: String
-    @Option(help: "Guest-facing interface (TAP or bridge).") var interface: String
-
-    func run() throws { throw NotAvailable.fail("proxy") }
-}
-
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",

@@ -1,0 +1,59 @@
+import CoreMetrics
+
+typealias Counter = CoreMetrics.Counter
+public import Prometheus
+
+/// The proxy's counters, exported in Prometheus text format. Labels carry secret env names,
+/// actions and kinds; never a value.
+public final class ProxyMetrics: Sendable {
+    public let registry: PrometheusCollectorRegistry
+    let factory: PrometheusMetricsFactory
+
+    let connectionsTLS: Counter
+    let connectionsHTTP: Counter
+    let connectionsOpaque: Counter
+    let connectionsBypass: Counter
+    let requests: Counter
+    let violationsBlock: Counter
+    let violationsLog: Counter
+    let violationsTerminate: Counter
+    let framingErrors: Counter
+    let upstreamVerifyFailures: Counter
+    let upstreamConnectFailures: Counter
+    let leafCacheHits: Counter
+    let leafCacheMisses: Counter
+    let bytesUpstream: Counter
+    let bytesDownstream: Counter
+
+    public init() {
+        let registry = PrometheusCollectorRegistry()
+        let factory = PrometheusMetricsFactory(registry: registry)
+        self.registry = registry
+        self.factory = factory
+        let counter = { (name: String, dimensions: [(String, String)]) in
+            Counter(label: name, dimensions: dimensions, factory: factory)
+        }
+        connectionsTLS = counter("keyhole_connections_total", [("kind", "tls")])
+        connectionsHTTP = counter("keyhole_connections_total", [("kind", "http")])
+        connectionsOpaque = counter("keyhole_connections_total", [("kind", "opaque")])
+        connectionsBypass = counter("keyhole_connections_total", [("kind", "tls-bypass")])
+        requests = counter("keyhole_requests_total", [])
+        violationsBlock = counter("keyhole_violations_total", [("action", "block")])
+        violationsLog = counter("keyhole_violations_total", [("action", "block-and-log")])
+        violationsTerminate = counter("keyhole_violations_total", [("action", "block-and-terminate")])
+        framingErrors = counter("keyhole_framing_errors_total", [])
+        upstreamVerifyFailures = counter("keyhole_upstream_verify_failures_total", [])
+        upstreamConnectFailures = counter("keyhole_upstream_connect_failures_total", [])
+        leafCacheHits = counter("keyhole_leaf_cache_hits_total", [])
+        leafCacheMisses = counter("keyhole_leaf_cache_misses_total", [])
+        bytesUpstream = counter("keyhole_bytes_total", [("direction", "upstream")])
+        bytesDownstream = counter("keyhole_bytes_total", [("direction", "downstream")])
+    }
+
+    func substitution(secret: String, site: String) {
+        Counter(label: "keyhole_substitutions_total", dimensions: [("secret", secret), ("site", site)], factory: factory).increment()
+    }
+
+    /// Prometheus text exposition format.
+    public func render() -> String { registry.emitToString() }
+}

@@ -1,0 +1,180 @@
+import Foundation
+public import KeyholePolicy
+public import KeyholeTLS
+public import NIOCore
+import NIOPosix
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How the proxy listens and how long it waits.
+public struct ProxyConfiguration: Sendable {
+    /// Where REDIRECTed guest flows arrive.
+    public var listen: SocketAddress
+    /// `SO_MARK` put on the proxy's own upstream sockets, so its rules can exempt them.
+    public var upstreamMark: UInt32?
+    /// A flow that sends nothing for this long is relayed as opaque (server-speaks-first
+    /// protocols); this is also how long a ClientHello or request line may take to arrive.
+    public var firstFlightTimeout: TimeAmount
+    public var connectTimeout: TimeAmount
+    /// Connections idle in both directions for this long are closed.
+    public var idleTimeout: TimeAmount
+    /// Event loops (one per core by default).
+    public var threads: Int
+
+    public init(
+        listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),
+        connectTimeout: TimeAmount = .seconds(10), idleTimeout: TimeAmount = .minutes(5),
+        threads: Int = System.coreCount
+    ) {
+        self.listen = listen
+        self.upstreamMark = upstreamMark
+        self.firstFlightTimeout = firstFlightTimeout
+        self.connectTimeout = connectTimeout
+        self.idleTimeout = idleTimeout
+        self.threads = threads
+    }
+}
+
+/// Everything connections share. Immutable but for the policy, which SIGHUP swaps.
+final class ProxyShared: Sendable {
+    let configuration: ProxyConfiguration
+    let tls: InterceptionTLS
+    let dns: DNSObservations
+    let audit: AuditLog
+    let metrics: ProxyMetrics
+    let threadPool: NIOThreadPool
+    let onTerminate: @Sendable (String) -> Void
+    private let policyBox: Mutex<Policy>
+    private let nextConnection = Atomic<UInt64>(0)
+
+    init(
+        configuration: ProxyConfiguration, policy: Policy, tls: InterceptionTLS, dns: DNSObservations, audit: AuditLog,
+        metrics: ProxyMetrics, threadPool: NIOThreadPool, onTerminate: @escaping @Sendable (String) -> Void
+    ) {
+        self.configuration = configuration
+        self.tls = tls
+        self.dns = dns
+        self.audit = audit
+        self.metrics = metrics
+        self.threadPool = threadPool
+        self.onTerminate = onTerminate
+        self.policyBox = Mutex(policy)
+    }
+
+    var policy: Policy {
+        get { policyBox.withLock { $0 } }
+    }
+
+    func replacePolicy(_ policy: Policy) { policyBox.withLock { $0 = policy } }
+
+    func newConnectionID() -> UInt64 { nextConnection.add(1, ordering: .relaxed).newValue }
+}
+
+/// The transparent intercepting proxy: every flow the netfilter rules REDIRECT to
+/// `configuration.listen` is classified (TLS, HTTP, other) and relayed through the
+/// substitution engine (BRIEF §1, §4).
+public final class ProxyServer: Sendable {
+    let shared: ProxyShared
+    let group: MultiThreadedEventLoopGroup
+    private let channel: Mutex<(any Channel)?>
+
+    public init(
+        configuration: ProxyConfiguration, policy: Policy, tls: InterceptionTLS, dns: DNSObservations, audit: AuditLog,
+        metrics: ProxyMetrics, onTerminate: @escaping @Sendable (String) -> Void
+    ) {
+        let pool = NIOThreadPool(numberOfThreads: 1)
+        pool.start()
+        shared = ProxyShared(
+            configuration: configuration, policy: policy, tls: tls, dns: dns, audit: audit, metrics: metrics, threadPool: pool,
+            onTerminate: onTerminate)
+        group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.threads))
+        channel = Mutex(nil)
+    }
+
+    /// Binds the listener; returns the address it is bound to.
+    public func start() async throws -> SocketAddress {
+        let shared = self.shared
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ResetHandler())
+                    try channel.pipeline.syncOperations.addHandler(FirstFlightHandler(shared: shared))
+                }
+            }
+        do {
+            let bound = try await bootstrap.bind(to: shared.configuration.listen).get()
+            channel.withLock { $0 = bound }
+            return bound.localAddress ?? shared.configuration.listen
+        } catch {
+            throw ProxyError.listen(address: "\(shared.configuration.listen)", reason: "\(error)")
+        }
+    }
+
+    /// New connections use `policy`; existing ones keep the policy they started with.
+    public func reload(policy: Policy) { shared.replacePolicy(policy) }
+
+    public var metrics: ProxyMetrics { shared.metrics }
+
+    public func stop() async {
+        let bound = channel.withLock { c -> (any Channel)? in
+            defer { c = nil }
+            return c
+        }
+        try? await bound?.close()
+        try? await group.shutdownGracefully()
+        try? await shared.threadPool.shutdownGracefully()
+    }
+}
+
+// MARK: - Original destination
+
+enum OriginalDestination {
+    static let soOriginalDst: Int32 = 80  // SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST
+
+    /// The address the guest connected to before netfilter REDIRECTed it here.
+    static func of(_ channel: any Channel) -> EventLoopFuture<SocketAddress> {
+        guard let provider = channel as? any SocketOptionProvider else {
+            return channel.eventLoop.makeFailedFuture(ChannelError.operationUnsupported)
+        }
+        if case .v6 = channel.localAddress {
+            let future: EventLoopFuture<sockaddr_in6> = provider.unsafeGetSocketOption(level: SocketOptionLevel(IPPROTO_IPV6), name: soOriginalDst)
+            return future.map { SocketAddress(sockaddr_in6: $0) }
+        }
+        let future: EventLoopFuture<sockaddr_in> = provider.unsafeGetSocketOption(level: SocketOptionLevel(IPPROTO_IP), name: soOriginalDst)
+        return future.map { SocketAddress(sockaddr_in: $0) }
+    }
+}
+
+// Plain C address structs, read once from getsockopt on the event loop.
+extension sockaddr_in: @retroactive @unchecked Sendable {}
+extension sockaddr_in6: @retroactive @unchecked Sendable {}
+
+extension SocketAddress {
+    init(sockaddr_in address: sockaddr_in) {
+        self.init(address)
+    }
+
+    init(sockaddr_in6 address: sockaddr_in6) {
+        self.init(address)
+    }
+
+    /// The address as an `IPAddress` (nil for Unix sockets).
+    var keyholeIP: IPAddress? {
+        switch self {
+        case .v4(let v4):
+            return .v4(UInt32(bigEndian: v4.address.sin_addr.s_addr))
+        case .v6(let v6):
+            var address = v6.address.sin6_addr
+            let bytes = withUnsafeBytes(of: &address) { Array($0) }
+            return IPAddress(v6Bytes: bytes).unmapped
+        case .unixDomainSocket:
+            return nil
+        }
+    }
+}

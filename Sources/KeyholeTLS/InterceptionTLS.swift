@@ -1,0 +1,56 @@
+import Foundation
+public import NIOSSL
+import X509
+
+/// TLS for interception: per-name server contexts with forged leaves for the guest side,
+/// and one verifying client context for the upstream side.
+public final class InterceptionTLS: Sendable {
+    public let forge: LeafForge
+    /// Upstream verification: the system trust store plus `network.upstream_ca`.
+    public let upstreamContext: NIOSSLContext
+    let cache: LeafCertificateCache<NIOSSLContext>
+
+    public init(ca: SandboxCA, upstreamCAFiles: [String], cacheCapacity: Int = 1024) throws(TLSError) {
+        forge = try LeafForge(ca: ca)
+        cache = LeafCertificateCache(capacity: cacheCapacity, renewBefore: 3600)
+        var client = TLSConfiguration.makeClientConfiguration()
+        client.certificateVerification = .fullVerification
+        client.trustRoots = .default
+        client.applicationProtocols = ["http/1.1"]
+        client.minimumTLSVersion = .tlsv12
+        if !upstreamCAFiles.isEmpty {
+            client.additionalTrustRoots = upstreamCAFiles.map { .file($0) }
+        }
+        do {
+            upstreamContext = try NIOSSLContext(configuration: client)
+        } catch {
+            throw .invalidCA(path: upstreamCAFiles.joined(separator: ", "), reason: "cannot build the upstream trust store: \(error)")
+        }
+    }
+
+    /// The guest-facing context for `name` (an SNI or an IP literal), forging on a miss.
+    /// Costs a signature and a context build on a miss: call it off the event loop.
+    public func serverContext(for name: String) throws(TLSError) -> NIOSSLContext {
+        if let cached = cache.lookup(name) { return cached }
+        let leaf = try forge.forge(name)
+        do {
+            let chain = try leaf.chainDER.map { try NIOSSLCertificate(bytes: $0, format: .der) }
+            let key = try NIOSSLPrivateKey(bytes: Array(leaf.privateKey.pemRepresentation.utf8), format: .pem)
+            var server = TLSConfiguration.makeServerConfiguration(
+                certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
+            // Offer only what the rewriter handles.
+            server.applicationProtocols = ["http/1.1"]
+            server.minimumTLSVersion = .tlsv12
+            let context = try NIOSSLContext(configuration: server)
+            cache.store(name, context, expires: leaf.notValidAfter)
+            return context
+        } catch {
+            throw .forging(reason: "TLS context for \(name): \(error)")
+        }
+    }
+
+    /// Whether a fresh context for `name` is cached (no forging needed).
+    public func hasCachedContext(for name: String) -> Bool { cache.peek(name) }
+
+    public var cacheStatistics: (hits: Int, misses: Int) { cache.statistics }
+}

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""A test upstream: HTTPS (or plain HTTP) server that records every request it receives.
+
+Each request becomes one JSON line in --log: method, path (with query), headers, body.
+Responds 200 "ok" (never echoing what it received), or 101 for WebSocket upgrades.
+--slow N sleeps N ms between 64 KiB reads of a body (a slow reader, for backpressure tests).
+"""
+import argparse, json, socket, ssl, sys, threading, time
+
+def handle(conn, args, lock):
+    conn.settimeout(60)
+    buf = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            headers = [l.split(":", 1) for l in lines[1:]]
+            headers = [[k.strip(), v.strip()] for k, v in headers]
+            h = {k.lower(): v for k, v in headers}
+            body = b""
+            total = 0
+            if "content-length" in h:
+                n = int(h["content-length"])
+                while len(buf) < n and not args.discard:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    if args.slow:
+                        time.sleep(args.slow / 1000)
+                if args.discard:
+                    total = len(buf)
+                    buf = b""
+                    while total < n:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        total += len(chunk)
+                        if args.slow:
+                            time.sleep(args.slow / 1000)
+                else:
+                    body, buf = buf[:n], buf[n:]
+                    total = len(body)
+            elif h.get("transfer-encoding", "").lower() == "chunked":
+                while True:
+                    while b"\r\n" not in buf:
+                        buf += conn.recv(65536)
+                    line, buf = buf.split(b"\r\n", 1)
+                    size = int(line.split(b";")[0], 16)
+                    if size == 0:
+                        while b"\r\n\r\n" not in b"\r\n" + buf:
+                            buf += conn.recv(65536)
+                        _, buf = (b"\r\n" + buf).split(b"\r\n\r\n", 1)
+                        break
+                    while len(buf) < size + 2:
+                        buf += conn.recv(65536)
+                    body += buf[:size]
+                    buf = buf[size + 2:]
+                total = len(body)
+            record = {"method": method, "target": target, "headers": headers,
+                      "body": body.decode("latin-1"), "body_length": total}
+            with lock:
+                with open(args.log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if h.get("upgrade", "").lower() == "websocket":
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    with lock:
+                        with open(args.log, "a") as f:
+                            f.write(json.dumps({"stream": data.decode("latin-1")}) + "\n")
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\nok\n")
+    except (OSError, ValueError):
+        return
+    finally:
+        conn.close()
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--bind", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--log", required=True)
+    p.add_argument("--slow", type=int, default=0)
+    p.add_argument("--discard", action="store_true", help="count body bytes instead of keeping them")
+    args = p.parse_args()
+    family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((args.bind, args.port))
+    srv.listen(64)
+    ctx = None
+    if args.cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.cert, args.key)
+        ctx.set_alpn_protocols(["http/1.1"])
+    print("ready", flush=True)
+    lock = threading.Lock()
+    while True:
+        conn, _ = srv.accept()
+        if ctx:
+            try:
+                conn.settimeout(10)
+                conn = ctx.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                conn.close()
+                continue
+        threading.Thread(target=handle, args=(conn, args, lock), daemon=True).start()
+
+if __name__ == "__main__":
+    main()

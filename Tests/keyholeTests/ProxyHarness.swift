@@ -1,0 +1,243 @@
+import Foundation
+import Testing
+
+let isRoot = getuid() == 0
+
+/// A network namespace with "upstream" servers on public-looking addresses, the proxy, and
+/// nft rules that REDIRECT the namespace's own TCP to it: the guest's view of the world.
+/// Everything is torn down by `close()`, which every test calls in a `defer`.
+final class ProxyHarness: @unchecked Sendable {
+    nonisolated(unsafe) static var counter = 0
+    static let lock = NSLock()
+
+    let namespace: String
+    let directory: String
+    var processes: [Process] = []
+    var proxy: Process?
+    let proxyStderr: String
+    let proxyStdout: String
+    let auditLog: String
+    let stateDirectory: String
+    var metricsPort = 0
+
+    /// Hosts with certificates from the test upstream CA.
+    static let names = ["api.example.test", "other.example.test", "pinned.example.test"]
+
+    init() throws {
+        Self.lock.lock()
+        Self.counter += 1
+        let n = Self.counter
+        Self.lock.unlock()
+        namespace = "kh-t\(getpid() % 100000)-\(n)"
+        directory = "/tmp/keyhole-e2e-\(namespace)"
+        proxyStderr = directory + "/proxy.err"
+        proxyStdout = directory + "/proxy.out"
+        auditLog = directory + "/audit.log"
+        stateDirectory = directory + "/state"
+        Self.removeStaleNamespaces()
+        try? FileManager.default.removeItem(atPath: directory)
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        _ = try? sh("ip netns del \(namespace)")
+        try sh("ip netns add \(namespace)")
+        try sh("ip -n \(namespace) link set lo up")
+        for suffix in 10...13 { try sh("ip -n \(namespace) addr add 203.0.113.\(suffix)/32 dev lo") }
+        try makePKI()
+        // The namespace's own TCP to the "internet" goes to the proxy; the proxy's sockets
+        // carry mark 0x4b48 and are exempt.
+        try sh(
+            """
+            ip netns exec \(namespace) nft -f - <<'EOF'
+            table ip keyhole_test {
+              chain output {
+                type nat hook output priority -100; policy accept;
+                meta mark 0x4b48 return
+                ip daddr 203.0.113.0/24 tcp dport { 80, 443, 7000, 8443 } redirect to :15001
+              }
+            }
+            EOF
+            """)
+    }
+
+    /// Namespaces left by a test process that crashed (named after its pid) are removed.
+    static func removeStaleNamespaces() {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: "/run/netns")) ?? []).filter { $0.hasPrefix("kh-t") }
+        for name in names {
+            let pidText = name.dropFirst(4).split(separator: "-").first.map(String.init) ?? ""
+            guard let pid = Int32(pidText), pid != getpid() % 100000 else { continue }
+            if kill(pid, 0) == 0 { continue }  // its owner still runs
+            let cleanup = Process()
+            cleanup.executableURL = URL(fileURLWithPath: "/bin/sh")
+            cleanup.arguments = ["-c", "ip netns pids \(name) | xargs -r kill -9; ip netns del \(name); rm -rf /tmp/keyhole-e2e-\(name)"]
+            try? cleanup.run()
+            cleanup.waitUntilExit()
+        }
+    }
+
+    func makePKI() throws {
+        try sh(
+            """
+            cd \(directory) && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout upca.key -out upca.pem -days 2 -subj "/CN=Keyhole Test Upstream CA" 2>/dev/null
+            for n in \(Self.names.joined(separator: " ")); do
+              openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $n.key -out $n.csr -subj "/CN=$n" 2>/dev/null
+              printf "subjectAltName=DNS:$n\\nextendedKeyUsage=serverAuth\\n" > $n.ext
+              openssl x509 -req -in $n.csr -CA upca.pem -CAkey upca.key -CAcreateserial -out $n.pem -days 2 -extfile $n.ext 2>/dev/null
+            done
+            openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout selfsigned.key -out selfsigned.pem -days 2 -subj "/CN=api.example.test" -addext "subjectAltName=DNS:api.example.test" 2>/dev/null
+            """)
+    }
+
+    /// Starts a recording upstream at ip:port: TLS with `cert` (a name from `names`, or
+    /// "selfsigned"), or plain HTTP when nil. Returns the path of its request log.
+    @discardableResult
+    func upstream(_ ip: String, port: Int, cert: String?, extra: [String] = []) throws -> String {
+        let log = "\(directory)/upstream-\(ip)-\(port).log"
+        var arguments = ["netns", "exec", namespace, "python3", CLI.root + "/Tests/keyholeTests/Fixtures/upstream.py",
+                         "--bind", ip, "--port", String(port), "--log", log] + extra
+        if let cert { arguments += ["--cert", "\(directory)/\(cert).pem", "--key", "\(directory)/\(cert).key"] }
+        let ready = directory + "/upstream-\(ip)-\(port).ready"
+        let process = try spawn("/usr/sbin/ip", arguments, stdout: ready)
+        processes.append(process)
+        try waitFor(file: ready, containing: "ready")
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        return log
+    }
+
+    /// Writes the policy (with `{{DIR}}` replaced) and starts `keyhole proxy` in the namespace.
+    func startProxy(policy: String, pins: [String] = ["api.example.test=203.0.113.10"], extra: [String] = []) throws {
+        let path = directory + "/policy.yaml"
+        try policy.replacingOccurrences(of: "{{DIR}}", with: directory).write(toFile: path, atomically: true, encoding: .utf8)
+        metricsPort = 19000 + Int.random(in: 0..<900)
+        var arguments = ["netns", "exec", namespace, CLI.binary, "proxy", "--policy", path, "--listen", "127.0.0.1:15001",
+                         "--state-dir", stateDirectory, "--audit-log", auditLog, "--metrics", "127.0.0.1:\(metricsPort)",
+                         "--first-flight-timeout", "1"]
+        for pin in pins { arguments += ["--pin", pin] }
+        let process = try spawn("/usr/sbin/ip", arguments + extra, stdout: proxyStdout, stderr: proxyStderr)
+        proxy = process
+        processes.append(process)
+        try waitFor(file: proxyStderr, containing: "listening on")
+    }
+
+    /// Runs a shell command inside the namespace (the guest's side).
+    func guest(_ command: String, timeout: Int = 30) throws -> CLI.Result {
+        try run("timeout \(timeout) ip netns exec \(namespace) sh -c \(shellQuote(command))")
+    }
+
+    /// curl as a guest would run it: trusting only the sandbox CA, name resolved to `ip`.
+    func curl(_ url: String, ip: String = "203.0.113.10", _ options: String = "") throws -> CLI.Result {
+        let host = URL(string: url)!.host!
+        let port = URL(string: url)!.port ?? (url.hasPrefix("https") ? 443 : 80)
+        return try guest(
+            "curl -sS --max-time 10 --cacert \(stateDirectory)/ca.pem --resolve \(host):\(port):\(ip) \(options) '\(url)'")
+    }
+
+    func records(_ log: String) -> [[String: Any]] {
+        let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").compactMap {
+            try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }
+    }
+
+    func header(_ record: [String: Any], _ name: String) -> String? {
+        (record["headers"] as? [[String]])?.first { $0[0].lowercased() == name.lowercased() }?[1]
+    }
+
+    var audit: String { (try? String(contentsOfFile: auditLog, encoding: .utf8)) ?? "" }
+    var stderr: String { (try? String(contentsOfFile: proxyStderr, encoding: .utf8)) ?? "" }
+
+    func metricsText() throws -> String {
+        try guest("curl -sS --max-time 5 http://127.0.0.1:\(metricsPort)/metrics").stdout
+    }
+
+    /// Waits for the proxy to exit; returns its status, or nil if it is still running.
+    func waitForProxyExit(seconds: Double) -> Int32? {
+        guard let proxy else { return nil }
+        let deadline = Date().addingTimeInterval(seconds)
+        while proxy.isRunning, Date() < deadline { usleep(50_000) }
+        return proxy.isRunning ? nil : proxy.terminationStatus
+    }
+
+    func proxyPID() throws -> Int32? {
+        let out = try run("pgrep -f -n 'keyhole proxy --policy \(directory)/policy.yaml'").stdout
+        return Int32(out.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    func close() {
+        for process in processes where process.isRunning {
+            kill(process.processIdentifier, SIGTERM)
+        }
+        usleep(200_000)
+        // `ip netns exec` forwards nothing: end whatever still runs in the namespace.
+        _ = try? run("ip netns pids \(namespace) | xargs -r kill -9")
+        for process in processes where process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        _ = try? run("ip netns del \(namespace)")
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    // MARK: - Process helpers
+
+    @discardableResult
+    func sh(_ command: String) throws -> CLI.Result {
+        let result = try run(command)
+        guard result.status == 0 else {
+            throw HarnessError.command(command, result.stderr)
+        }
+        return result
+    }
+
+    func run(_ command: String) throws -> CLI.Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/bash")
+        process.arguments = ["-c", command]
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        nonisolated(unsafe) var errData = Data()
+        let reader = Thread { errData = err.fileHandleForReading.readDataToEndOfFile() }
+        reader.start()
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        while reader.isExecuting { usleep(1000) }
+        return CLI.Result(
+            status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+            stderr: String(decoding: errData, as: UTF8.self), stdoutBytes: outData)
+    }
+
+    func spawn(_ executable: String, _ arguments: [String], stdout: String, stderr: String? = nil) throws -> Process {
+        _ = FileManager.default.createFile(atPath: stdout, contents: nil)
+        if let stderr { _ = FileManager.default.createFile(atPath: stderr, contents: nil) }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.standardOutput = FileHandle(forWritingAtPath: stdout)
+        process.standardError = stderr.flatMap { FileHandle(forWritingAtPath: $0) } ?? FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+    func waitFor(file: String, containing text: String, seconds: Double = 20) throws {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if let content = try? String(contentsOfFile: file, encoding: .utf8), content.contains(text) { return }
+            usleep(50_000)
+        }
+        throw HarnessError.timeout("\(file) never said '\(text)': \((try? String(contentsOfFile: file, encoding: .utf8)) ?? "")\n\(stderr)")
+    }
+
+    func shellQuote(_ text: String) -> String { "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+}
+
+enum HarnessError: Error, CustomStringConvertible {
+    case command(String, String)
+    case timeout(String)
+
+    var description: String {
+        switch self {
+        case .command(let command, let stderr): return "command failed: \(command)\n\(stderr)"
+        case .timeout(let what): return "timed out: \(what)"
+        }
+    }
+}
