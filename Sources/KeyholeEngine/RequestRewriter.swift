@@ -66,6 +66,8 @@ public struct RewriteOutput {
     public private(set) var insertedBytes = 0
     /// Input bytes forwarded as slices.
     public private(set) var forwardedBytes = 0
+    /// Request heads parsed (pipelined and keep-alive requests each count).
+    public private(set) var requests = 0
 
     public init() {}
 
@@ -84,6 +86,8 @@ public struct RewriteOutput {
     }
 
     mutating func noteCopied(_ count: Int) { copiedInputBytes += count }
+
+    mutating func noteRequest() { requests += 1 }
 }
 
 /// The substitution engine for one connection's guest → upstream byte stream (HTTP/1.x).
@@ -103,6 +107,10 @@ public final class RequestRewriter {
     public var identity: ConnectionIdentity { core.identity }
     public var configuration: RewriterConfiguration { core.configuration }
     public var status: Status { core.status }
+
+    /// True while part of a request head has arrived but not all of it (the proxy bounds
+    /// how long that may last: slowloris).
+    public var isReadingHead: Bool { core.isReadingHead }
 
     /// Consumes the next bytes the guest sent.
     public func consume(_ buffer: ByteBuffer, into output: inout RewriteOutput) {
@@ -211,6 +219,11 @@ struct RewriterCore {
         }
         self.scanner = StreamScanner(matcher: matcher)
         self.state = mode == .http ? .head : .relay(.opaque)
+    }
+
+    var isReadingHead: Bool {
+        if case .head = state { return headAccumulator != nil }
+        return false
     }
 
     var status: Status {
@@ -427,6 +440,7 @@ struct RewriterCore {
             fail(parseError, &output)
             return
         }
+        output.noteRequest()
         if let violation {
             block(violation, &output)
             return

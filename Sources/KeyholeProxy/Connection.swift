@@ -149,6 +149,9 @@ final class Session {
     var serverName: String?
     var output = RewriteOutput()
     var finished = false
+    /// Set while a request head is partly received; fires the slowloris defence.
+    var headDeadline: Scheduled<Void>?
+    var requestsCounted = 0
 
     init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy) {
         self.id = id
@@ -161,10 +164,10 @@ final class Session {
 
     var destinationText: String { "\(destinationIP?.description ?? "?"):\(destination.port ?? 0)" }
 
-    func record(_ level: AuditRecord.Level, _ event: String, reason: String? = nil, detail: String? = nil) {
+    func record(_ level: AuditRecord.Level, _ event: String, reason: String? = nil, action: String? = nil, detail: String? = nil) {
         shared.audit.write(
             AuditRecord(
-                level: level, event: event, sandbox: policy.name, connection: id, reason: reason, sni: serverName,
+                level: level, event: event, sandbox: policy.name, connection: id, reason: reason, action: action, sni: serverName,
                 destination: destinationText, detail: detail))
     }
 
@@ -315,6 +318,27 @@ final class Session {
         }
         rewriter.consume(buffer, into: &output)
         deliver(rewriter)
+        watchHead(rewriter)
+    }
+
+    /// A head that started arriving must finish within `headTimeout`, however slowly the
+    /// bytes drip in.
+    private func watchHead(_ rewriter: RequestRewriter) {
+        guard !finished else { return }
+        if rewriter.isReadingHead {
+            guard headDeadline == nil else { return }
+            let loopSelf = NIOLoopBound(self, eventLoop: guest.eventLoop)
+            headDeadline = guest.eventLoop.scheduleTask(in: shared.configuration.headTimeout) {
+                let session = loopSelf.value
+                session.headDeadline = nil
+                guard !session.finished, session.rewriter?.isReadingHead == true else { return }
+                session.record(.warn, "slow-request-head", reason: "request head not complete in time", action: "reset")
+                session.abort()
+            }
+        } else {
+            headDeadline?.cancel()
+            headDeadline = nil
+        }
     }
 
     func fromUpstream(_ buffer: ByteBuffer) {
@@ -334,6 +358,10 @@ final class Session {
 
     private func deliver(_ rewriter: RequestRewriter) {
         guard let upstream else { return }
+        if output.requests > requestsCounted {
+            shared.metrics.requests.increment(by: Int64(output.requests - requestsCounted))
+            requestsCounted = output.requests
+        }
         if !output.upstream.isEmpty {
             var total = 0
             for piece in output.upstream {
@@ -396,6 +424,7 @@ final class Session {
     func abort() {
         guard !finished else { return }
         finished = true
+        headDeadline?.cancel()
         upstream?.close(promise: nil)
         guest.reset()
     }

@@ -19,6 +19,8 @@ public struct ProxyConfiguration: Sendable {
     /// protocols); this is also how long a ClientHello or request line may take to arrive.
     public var firstFlightTimeout: TimeAmount
     public var connectTimeout: TimeAmount
+    /// A request head that has started must be complete within this time (slowloris).
+    public var headTimeout: TimeAmount
     /// Connections idle in both directions for this long are closed.
     public var idleTimeout: TimeAmount
     /// Event loops (one per core by default).
@@ -26,13 +28,14 @@ public struct ProxyConfiguration: Sendable {
 
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),
-        connectTimeout: TimeAmount = .seconds(10), idleTimeout: TimeAmount = .minutes(5),
+        connectTimeout: TimeAmount = .seconds(10), headTimeout: TimeAmount = .seconds(30), idleTimeout: TimeAmount = .minutes(5),
         threads: Int = System.coreCount
     ) {
         self.listen = listen
         self.upstreamMark = upstreamMark
         self.firstFlightTimeout = firstFlightTimeout
         self.connectTimeout = connectTimeout
+        self.headTimeout = headTimeout
         self.idleTimeout = idleTimeout
         self.threads = threads
     }

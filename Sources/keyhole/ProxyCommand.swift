@@ -51,6 +51,9 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds to wait for a flow's first bytes before relaying it as opaque.", valueName: "s"))
     var firstFlightTimeout: Double = 5
 
+    @Option(help: ArgumentHelp("Seconds a started request head may take to complete (slowloris defence).", valueName: "s"))
+    var headTimeout: Double = 30
+
     func validate() throws {
         if interface != nil {
             throw ValidationError("--interface needs the appliance (netfilter rules, DNS observation), which is not available yet in this build; use --listen with your own REDIRECT rules")
@@ -60,6 +63,7 @@ struct ProxyCommand: AsyncParsableCommand {
             throw ValidationError("--pin '\(pin)' must be NAME=IP, such as api.example.com=203.0.113.10")
         }
         if firstFlightTimeout <= 0 { throw ValidationError("--first-flight-timeout must be positive") }
+        if headTimeout <= 0 { throw ValidationError("--head-timeout must be positive") }
     }
 
     static func parsePin(_ text: String) -> (String, IPAddress)? {
@@ -114,7 +118,8 @@ struct ProxyCommand: AsyncParsableCommand {
         let server = ProxyServer(
             configuration: ProxyConfiguration(
                 listen: listenAddress, upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
-                firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000))),
+                firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)),
+                headTimeout: .milliseconds(Int64(headTimeout * 1000))),
             policy: loaded, tls: tls, dns: dns, audit: audit, metrics: proxyMetrics,
             onTerminate: { reason in events.continuation.yield(.terminate(reason)) })
         let bound: SocketAddress

@@ -84,6 +84,12 @@ struct ProxyEndToEndTests {
         #expect(harness.header(records[3], "Content-Length") == String("{\"token\":\"\(Self.realValue)\"}".utf8.count))
         #expect(records[4]["body"] as? String == "part-one \(Self.realValue) part-two")
         #expect(harness.audit.contains("\"event\":\"substituted\""))
+        let metrics = try harness.metricsText()
+        #expect(metrics.contains("keyhole_requests_total 5"), "\(metrics)")
+        #expect(metrics.contains("keyhole_connections_total{kind=\"tls\"} 4"))
+        #expect(metrics.contains("keyhole_substitutions_total{secret=\"TOKEN\",site=\"body\"} 2"))
+        #expect(metrics.contains("keyhole_leaf_cache_hits_total 3"))
+        #expect(metrics.contains("keyhole_leaf_cache_misses_total 1"))
         try assertNoValueLeaked(harness, [header.stdout, header.stderr, python.stdout, python.stderr])
     }
 
@@ -127,6 +133,7 @@ struct ProxyEndToEndTests {
         #expect(result.status == 56)
         #expect(harness.records(log).isEmpty)
         #expect(harness.audit.contains("\"reason\":\"host-header-mismatch\""))
+        try assertNoValueLeaked(harness)
     }
 
     @Test func anUpstreamWithABadCertificateNeverSeesTheValue() throws {
@@ -141,6 +148,7 @@ struct ProxyEndToEndTests {
         #expect(harness.audit.contains("\"event\":\"upstream-tls-failed\""))
         let metrics = try harness.metricsText()
         #expect(metrics.contains("keyhole_upstream_verify_failures_total 1"))
+        try assertNoValueLeaked(harness)
     }
 
     @Test func plainHTTPWithTLSIdentityRequiredIsNotSubstituted() throws {
@@ -156,6 +164,7 @@ struct ProxyEndToEndTests {
         // Plain HTTP without a placeholder passes.
         let clean = try harness.guest("curl -sS --max-time 10 --resolve api.example.test:80:203.0.113.10 http://api.example.test/clean")
         #expect(clean.stdout == "ok\n")
+        try assertNoValueLeaked(harness)
     }
 
     @Test func aPlaceholderOnANonHTTPFlowIsAViolation() throws {
@@ -177,6 +186,7 @@ struct ProxyEndToEndTests {
             """)
         #expect(result.stdout.contains("reset"), "\(result.stdout)\(result.stderr)")
         #expect(harness.audit.contains("\"site\":\"opaque-stream\""))
+        try assertNoValueLeaked(harness)
     }
 
     @Test func tlsBypassHostsAreRelayedUntouched() throws {
@@ -192,6 +202,33 @@ struct ProxyEndToEndTests {
         #expect(harness.header(harness.records(log).first ?? [:], "X") == "$MSB_TOKEN")
         let metrics = try harness.metricsText()
         #expect(metrics.contains("keyhole_connections_total{kind=\"tls-bypass\"} 1"))
+        try assertNoValueLeaked(harness)
+    }
+
+    @Test func aRequestHeadThatDripsInIsCutOff() throws {
+        let harness = try ProxyHarness()
+        defer { harness.close() }
+        let log = try harness.upstream("203.0.113.10", port: 80, cert: nil)
+        try harness.startProxy(policy: Self.policy, extra: ["--head-timeout", "1"])
+        let result = try harness.guest(
+            """
+            python3 - <<'EOF'
+            import socket, time
+            s = socket.create_connection(('203.0.113.10', 80), timeout=10)
+            start = time.time()
+            try:
+                s.sendall(b'GET / HTTP/1.1\\r\\nHost: api.example.test\\r\\n')
+                for i in range(8):
+                    time.sleep(0.5)
+                    s.sendall(b'X-Slow: ' + str(i).encode() + b'\\r\\n')
+                print('still open', s.recv(10))
+            except (ConnectionResetError, BrokenPipeError):
+                print('reset after %.1f s' % (time.time() - start))
+            EOF
+            """)
+        #expect(result.stdout.contains("reset after"), "\(result.stdout)\(result.stderr)")
+        #expect(harness.audit.contains("\"event\":\"slow-request-head\""))
+        #expect(harness.records(log).isEmpty)
     }
 
     @Test func blockAndTerminateStopsTheProxyWithStatusFour() throws {
@@ -205,6 +242,7 @@ struct ProxyEndToEndTests {
         #expect(harness.waitForProxyExit(seconds: 10) == 4)
         #expect(harness.audit.contains("\"level\":\"error\""))
         #expect(harness.stderr.contains("block-and-terminate: secret TOKEN"))
+        try assertNoValueLeaked(harness)
     }
 
     @Test func aLargeUploadToASlowReaderKeepsMemoryBounded() throws {
