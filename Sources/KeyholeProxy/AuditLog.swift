@@ -67,7 +67,8 @@ public struct AuditRecord: Sendable {
         return formatter.string(from: date)
     }
 
-    static func quote(_ value: String) -> String {
+    /// A JSON string literal for `value` (quotes, backslashes and control characters escaped).
+    public static func quote(_ value: String) -> String {
         var out = "\""
         for scalar in value.unicodeScalars {
             switch scalar {

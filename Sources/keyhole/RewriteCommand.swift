@@ -1,6 +1,7 @@
 import ArgumentParser
 import KeyholeEngine
 import KeyholePolicy
+import KeyholeProxy
 import NIOCore
 
 #if canImport(Glibc)
@@ -155,26 +156,7 @@ struct AuditLine {
 }
 
 enum JSON {
-    static func string(_ value: String) -> String {
-        var out = "\""
-        for scalar in value.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if scalar.value < 0x20 || scalar.value == 0x7F {
-                    let hex = String(scalar.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
-            }
-        }
-        return out + "\""
-    }
+    static func string(_ value: String) -> String { AuditRecord.quote(value) }
 }
 
 enum StandardStream {
