@@ -37,6 +37,21 @@ public enum FileBytes {
         return result
     }
 
+    /// Writes all of `bytes` to `fd`, retrying short writes and EINTR. Returns false on error.
+    @discardableResult
+    public static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Bool {
+        var offset = 0
+        while offset < bytes.count {
+            let n = write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+            if n < 0 {
+                if errno == EINTR { continue }
+                return false
+            }
+            offset += n
+        }
+        return true
+    }
+
     /// The message for the current `errno`.
     public static func errnoMessage() -> String {
         String(cString: strerror(errno))

@@ -1,4 +1,5 @@
 public import Foundation
+import KeyholePolicy
 import Synchronization
 
 #if canImport(Glibc)
@@ -113,15 +114,7 @@ public final class AuditLog: Sendable {
     public func write(_ record: AuditRecord) {
         let bytes = Array((record.jsonLine() + "\n").utf8)
         lock.withLock { _ in
-            var offset = 0
-            while offset < bytes.count {
-                let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    return
-                }
-                offset += n
-            }
+            bytes.withUnsafeBytes { _ = FileBytes.writeAll(fd, $0) }
         }
     }
 }

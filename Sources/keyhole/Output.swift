@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KeyholePolicy
 
 /// Unbuffered writes to the standard streams (so ordering with child output is kept).
 enum Output {
@@ -10,15 +11,7 @@ enum Output {
     private static func write(_ fd: Int32, _ text: String) {
         var bytes = Array(text.utf8)
         if bytes.last != 0x0A { bytes.append(0x0A) }
-        var offset = 0
-        while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                return
-            }
-            offset += n
-        }
+        bytes.withUnsafeBytes { _ = FileBytes.writeAll(fd, $0) }
     }
 }
 

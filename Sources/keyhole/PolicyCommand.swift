@@ -67,3 +67,16 @@ enum PolicySummary {
         return lines.joined(separator: "\n")
     }
 }
+
+/// Loading a policy for a command that cannot run without one: problems are printed as
+/// FILE:LINE:COL: message and the command exits 2.
+enum PolicyFile {
+    static func load(_ path: String) throws -> Policy {
+        do {
+            return try PolicyLoader().load(file: path)
+        } catch {
+            for diagnostic in error.diagnostics { Output.err(diagnostic.description) }
+            throw ExitCode(2)
+        }
+    }
+}

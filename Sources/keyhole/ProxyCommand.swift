@@ -86,13 +86,7 @@ struct ProxyCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let loaded: Policy
-        do {
-            loaded = try PolicyLoader().load(file: policy)
-        } catch {
-            for diagnostic in error.diagnostics { Output.err(diagnostic.description) }
-            throw ExitCode(2)
-        }
+        let loaded = try PolicyFile.load(policy)
         for warning in loaded.warnings { Output.err(warning.description) }
         let listenAddress = try Self.parseAddress(listen!)
         let metricsAddress = try metrics.map(Self.parseAddress)

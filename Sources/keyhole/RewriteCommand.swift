@@ -62,13 +62,7 @@ struct RewriteCommand: ParsableCommand {
     }
 
     func run() throws {
-        let loaded: Policy
-        do {
-            loaded = try PolicyLoader().load(file: policy)
-        } catch {
-            for diagnostic in error.diagnostics { Output.err(diagnostic.description) }
-            throw ExitCode(2)
-        }
+        let loaded = try PolicyFile.load(policy)
         let host = HostName.normalize(sni)
         let pinned: Set<String> = noDNSPin ? [] : [host]
         let connection = ConnectionIdentity(
@@ -161,16 +155,6 @@ enum JSON {
 
 enum StandardStream {
     static func write(_ fd: Int32, _ buffer: ByteBuffer) {
-        buffer.withUnsafeReadableBytes { raw in
-            var offset = 0
-            while offset < raw.count {
-                let n = Glibc.write(fd, raw.baseAddress! + offset, raw.count - offset)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    return
-                }
-                offset += n
-            }
-        }
+        buffer.withUnsafeReadableBytes { _ = FileBytes.writeAll(fd, $0) }
     }
 }
