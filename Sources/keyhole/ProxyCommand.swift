@@ -1,6 +1,7 @@
 import ArgumentParser
 import Dispatch
 import Foundation
+import KeyholeNetfilter
 import KeyholePolicy
 import KeyholeProxy
 import KeyholeTLS
@@ -12,10 +13,12 @@ struct ProxyCommand: AsyncParsableCommand {
         commandName: "proxy",
         abstract: "Run the intercepting proxy for a guest.",
         discussion: """
-            With --listen, Keyhole serves flows that your own netfilter rules REDIRECT to that \
-            address (it reads the original destination with SO_ORIGINAL_DST). Its own upstream \
-            connections carry SO_MARK --upstream-mark so your rules can exempt them. \
-            (--interface, which installs the rules itself, is not available yet in this build.)
+            With --interface, Keyhole is a drop-in appliance for the guest behind that interface: \
+            it installs its own netfilter rules (every guest TCP flow to the proxy, DNS answers \
+            through NFQUEUE, QUIC dropped, egress rules, masquerade), observes DNS, and removes \
+            the rules on exit. With --listen, it serves flows that your own rules REDIRECT to that \
+            address (SO_ORIGINAL_DST); its upstream connections carry SO_MARK --upstream-mark so \
+            your rules can exempt them.
 
             SIGINT/SIGTERM stop it; SIGHUP reloads the policy for new connections (an invalid \
             policy is refused and the running one stays). Exit status: 0 stopped, 1 could not \
@@ -26,8 +29,17 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Policy file.", valueName: "file"))
     var policy: String
 
-    @Option(help: ArgumentHelp("Guest-facing interface (needs the appliance; not available yet).", valueName: "iface"))
+    @Option(
+        help: ArgumentHelp(
+            "Guest-facing interface: install Keyhole's netfilter rules on it and observe the guest's DNS (appliance mode).",
+            valueName: "iface"))
     var interface: String?
+
+    @Option(help: ArgumentHelp("Appliance mode: the port REDIRECTed flows go to.", valueName: "port"))
+    var proxyPort: UInt16 = 15001
+
+    @Option(help: ArgumentHelp("Appliance mode: the NFQUEUE number for DNS answers.", valueName: "n"))
+    var queueNum: UInt16 = 4242
 
     @Option(help: ArgumentHelp("Address the REDIRECTed flows arrive at.", valueName: "host:port"))
     var listen: String?
@@ -55,10 +67,10 @@ struct ProxyCommand: AsyncParsableCommand {
     var headTimeout: Double = 30
 
     func validate() throws {
-        if interface != nil {
-            throw ValidationError("--interface needs the appliance (netfilter rules, DNS observation), which is not available yet in this build; use --listen with your own REDIRECT rules")
+        if let interface, let problem = ApplianceRules.interfaceProblem(interface) {
+            throw ValidationError("--interface '\(interface)' \(problem)")
         }
-        if listen == nil { throw ValidationError("give --listen HOST:PORT") }
+        if listen == nil && interface == nil { throw ValidationError("give --interface IFACE (appliance) or --listen HOST:PORT (your own rules)") }
         for pin in pins where Self.parsePin(pin) == nil {
             throw ValidationError("--pin '\(pin)' must be NAME=IP, such as api.example.com=203.0.113.10")
         }
@@ -88,7 +100,7 @@ struct ProxyCommand: AsyncParsableCommand {
     func run() async throws {
         let loaded = try PolicyFile.load(policy)
         for warning in loaded.warnings { Output.err(warning.description) }
-        let listenAddress = try Self.parseAddress(listen!)
+        let listenAddress = try Self.parseAddress(listen ?? "0.0.0.0:\(proxyPort)")
         let metricsAddress = try metrics.map(Self.parseAddress)
 
         let ca: SandboxCA
@@ -122,6 +134,33 @@ struct ProxyCommand: AsyncParsableCommand {
         } catch {
             Output.err("keyhole proxy: \(error)")
             throw ExitCode(1)
+        }
+        // Appliance mode: the interface, forwarding, the DNS answer queue, then the rules.
+        var appliance: Appliance?
+        var queue: PacketQueue?
+        var forwarding: [String: String] = [:]
+        if let interface {
+            let rules = ApplianceRules(
+                interface: interface, proxyPort: UInt16(bound.port ?? Int(proxyPort)), queueNumber: queueNum,
+                egress: loaded.network.egress, resolvers: loaded.network.dns)
+            let observer = DNSAnswerObserver(dns: dns, policy: DNSAnswerPolicy(egress: loaded.network.egress), audit: audit, sandbox: loaded.name)
+            do {
+                try Appliance.configure(interface: interface, address: loaded.network.gateway)
+                forwarding = Appliance.enableForwarding()
+                let packetQueue = PacketQueue(number: queueNum, decide: observer.decide)
+                try packetQueue.start()
+                queue = packetQueue
+                let installed = Appliance(rules: rules)
+                try installed.install()
+                appliance = installed
+            } catch {
+                Output.err("keyhole proxy: \(error)")
+                queue?.stop()
+                Appliance.restore(forwarding)
+                await server.stop()
+                throw ExitCode(1)
+            }
+            Output.err("keyhole proxy: guarding \(interface) (nft table inet \(rules.tableName), DNS answers on NFQUEUE \(queueNum))")
         }
         var metricsServer: MetricsServer?
         if let metricsAddress {
@@ -164,6 +203,9 @@ struct ProxyCommand: AsyncParsableCommand {
             }
         }
         signals.cancel()
+        appliance?.remove()
+        queue?.stop()
+        if interface != nil { Appliance.restore(forwarding) }
         await server.stop()
         await metricsServer?.stop()
         if exitCode != 0 { throw ExitCode(exitCode) }
@@ -194,5 +236,43 @@ final class SignalWatcher {
 
     func cancel() {
         for source in sources { source.cancel() }
+    }
+}
+
+/// Records the guest's DNS answers as pins before the guest sees them; drops answers that
+/// rebind a name to an internal address the policy does not open.
+final class DNSAnswerObserver: Sendable {
+    let dns: DNSObservations
+    let policy: DNSAnswerPolicy
+    let audit: AuditLog
+    let sandbox: String
+
+    init(dns: DNSObservations, policy: DNSAnswerPolicy, audit: AuditLog, sandbox: String) {
+        self.dns = dns
+        self.policy = policy
+        self.audit = audit
+        self.sandbox = sandbox
+    }
+
+    var decide: @Sendable ([UInt8]) -> Bool {
+        { [self] packet in self.verdict(packet) }
+    }
+
+    func verdict(_ packet: [UInt8]) -> Bool {
+        // Whatever we cannot read passes untouched (it pins nothing).
+        guard let payload = try? DNSPacket.dnsPayload(packet),
+            let resolution = try? DNSMessage.parseResponse(Array(payload.dns))
+        else { return true }
+        if let bad = resolution.addresses.first(where: { policy.isRebinding($0.address) }) {
+            audit.write(
+                AuditRecord(
+                    level: .warn, event: "dns-rebinding-dropped", sandbox: sandbox, connection: 0, reason: "internal-address",
+                    host: resolution.queriedName, destination: bad.address.description))
+            return false
+        }
+        for answer in resolution.addresses {
+            dns.record(name: resolution.queriedName, address: answer.address, ttl: answer.ttl)
+        }
+        return true
     }
 }

@@ -229,7 +229,7 @@ struct RewriteCLITests {
 
 @Suite("Commands not available yet")
 struct UnavailableCommandTests {
-    @Test(arguments: [["proxy", "--policy", "p.yaml", "--interface", "tap0"], ["run", "p.yaml"]])
+    @Test(arguments: [["run", "p.yaml"]])
     func sayPlainlyTheyAreNotAvailable(_ arguments: [String]) throws {
         let run = try CLI.run(arguments)
         #expect(run.status == 2)
@@ -260,5 +260,30 @@ struct RewriteCorpusCLITests {
                 #expect(!run.stderr.contains(value))
             }
         }
+    }
+}
+
+@Suite("keyhole proxy usage")
+struct ProxyUsageTests {
+    @Test(arguments: [
+        (["proxy", "--policy", "p.yaml"], "--interface IFACE"),
+        (["proxy", "--policy", "p.yaml", "--interface", "bad name"], "may contain only"),
+        (["proxy", "--policy", "p.yaml", "--listen", "127.0.0.1:1", "--pin", "nonsense"], "must be NAME=IP"),
+    ])
+    func usageErrorsExitTwo(_ arguments: [String], _ message: String) throws {
+        let run = try CLI.run(arguments)
+        #expect(run.status == 2)
+        #expect(run.stderr.contains(message), "\(run.stderr)")
+    }
+
+    @Test func aMissingInterfaceIsAClearError() throws {
+        let policy = CLI.root + "/policies/github.yaml"
+        let state = "/tmp/keyhole-cli-iface-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        let run = try CLI.run(
+            ["proxy", "--policy", policy, "--interface", "khnosuch0", "--state-dir", state, "--proxy-port", "0"],
+            environment: exampleEnvironment)
+        #expect(run.status == 1)
+        #expect(run.stderr.contains("interface khnosuch0: does not exist"), "\(run.stderr)")
     }
 }

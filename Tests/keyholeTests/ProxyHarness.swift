@@ -10,7 +10,20 @@ final class ProxyHarness: @unchecked Sendable {
     nonisolated(unsafe) static var counter = 0
     static let lock = NSLock()
 
+    enum Mode {
+        /// One namespace: guest, proxy (--listen) and upstreams, with a REDIRECT rule.
+        case redirect
+        /// Three namespaces: guest ─veth─ appliance (keyhole proxy --interface) ─veth─
+        /// internet (dnsmasq and the upstreams).
+        case appliance
+    }
+
+    let mode: Mode
+    /// Where guest commands run.
     let namespace: String
+    let applianceNamespace: String
+    let internetNamespace: String
+    let shortID: String
     let directory: String
     var processes: [Process] = []
     var proxy: Process?
@@ -23,13 +36,25 @@ final class ProxyHarness: @unchecked Sendable {
     /// Hosts with certificates from the test upstream CA.
     static let names = ["api.example.test", "other.example.test", "pinned.example.test"]
 
-    init() throws {
+    init(mode: Mode = .redirect) throws {
         Self.lock.lock()
         Self.counter += 1
         let n = Self.counter
         Self.lock.unlock()
-        namespace = "kh-t\(getpid() % 100000)-\(n)"
-        directory = "/tmp/keyhole-e2e-\(namespace)"
+        self.mode = mode
+        let base = "kh-t\(getpid() % 100000)-\(n)"
+        shortID = "k\(getpid() % 10000)x\(n)"
+        switch mode {
+        case .redirect:
+            namespace = base
+            applianceNamespace = base
+            internetNamespace = base
+        case .appliance:
+            namespace = base + "-g"
+            applianceNamespace = base + "-a"
+            internetNamespace = base + "-i"
+        }
+        directory = "/tmp/keyhole-e2e-\(base)"
         proxyStderr = directory + "/proxy.err"
         proxyStdout = directory + "/proxy.out"
         auditLog = directory + "/audit.log"
@@ -37,26 +62,54 @@ final class ProxyHarness: @unchecked Sendable {
         Self.removeStaleNamespaces()
         try? FileManager.default.removeItem(atPath: directory)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        _ = try? sh("ip netns del \(namespace)")
-        try sh("ip netns add \(namespace)")
-        try sh("ip -n \(namespace) link set lo up")
-        for suffix in 10...13 { try sh("ip -n \(namespace) addr add 203.0.113.\(suffix)/32 dev lo") }
+        for ns in Set([namespace, applianceNamespace, internetNamespace]) {
+            _ = try? sh("ip netns del \(ns)")
+            try sh("ip netns add \(ns) && ip -n \(ns) link set lo up")
+        }
+        for suffix in 10...13 { try sh("ip -n \(internetNamespace) addr add 203.0.113.\(suffix)/32 dev lo") }
         try makePKI()
-        // The namespace's own TCP to the "internet" goes to the proxy; the proxy's sockets
-        // carry mark 0x4b48 and are exempt.
-        try sh(
-            """
-            ip netns exec \(namespace) nft -f - <<'EOF'
-            table ip keyhole_test {
-              chain output {
-                type nat hook output priority -100; policy accept;
-                meta mark 0x4b48 return
-                ip daddr 203.0.113.0/24 tcp dport { 80, 443, 7000, 8443 } redirect to :15001
-              }
-            }
-            EOF
-            """)
+        switch mode {
+        case .redirect:
+            // The namespace's own TCP to the "internet" goes to the proxy; the proxy's sockets
+            // carry mark 0x4b48 and are exempt.
+            try sh(
+                """
+                ip netns exec \(namespace) nft -f - <<'EOF'
+                table ip keyhole_test {
+                  chain output {
+                    type nat hook output priority -100; policy accept;
+                    meta mark 0x4b48 return
+                    ip daddr 203.0.113.0/24 tcp dport { 80, 443, 7000, 8443 } redirect to :15001
+                  }
+                }
+                EOF
+                """)
+        case .appliance:
+            let g = namespace, a = applianceNamespace, i = internetNamespace, id = shortID
+            try sh(
+                """
+                ip link add \(id)-g0 netns \(g) type veth peer name \(id)-a0 netns \(a)
+                ip link add \(id)-a1 netns \(a) type veth peer name \(id)-i1 netns \(i)
+                ip -n \(g) addr add 10.0.2.2/30 dev \(id)-g0 && ip -n \(g) link set \(id)-g0 up && ip -n \(g) route add default via 10.0.2.1
+                ip -n \(a) addr add 198.51.100.1/24 dev \(id)-a1 && ip -n \(a) link set \(id)-a1 up
+                ip -n \(a) route add 203.0.113.0/24 via 198.51.100.2 && ip -n \(a) route add 192.168.77.0/24 via 198.51.100.2
+                ip -n \(i) addr add 198.51.100.2/24 dev \(id)-i1 && ip -n \(i) link set \(id)-i1 up
+                ip -n \(i) addr add 198.51.100.53/32 dev lo && ip -n \(i) addr add 192.168.77.7/32 dev lo
+                mkdir -p /etc/netns/\(g) && echo "nameserver 198.51.100.53" > /etc/netns/\(g)/resolv.conf
+                """)
+            // dnsmasq daemonizes (and closes every inherited descriptor, which confuses
+            // Foundation's Process if it is our direct child); close() kills it by namespace.
+            try sh(
+                "ip netns exec \(i) dnsmasq --no-resolv --no-hosts --listen-address=198.51.100.53 --bind-interfaces --port=53 "
+                    + "--local-ttl=300 --address=/api.example.test/203.0.113.10 --address=/other.example.test/203.0.113.11 "
+                    + "--address=/rebind.example.test/10.9.9.9 --address=/private.example.test/192.168.77.7 "
+                    + "--pid-file=\(directory)/dnsmasq.pid")
+            usleep(300_000)
+        }
     }
+
+    /// The guest-facing interface of the appliance.
+    var guestInterface: String { shortID + "-a0" }
 
     /// Namespaces left by a test process that crashed (named after its pid) are removed.
     static func removeStaleNamespaces() {
@@ -67,7 +120,7 @@ final class ProxyHarness: @unchecked Sendable {
             if kill(pid, 0) == 0 { continue }  // its owner still runs
             let cleanup = Process()
             cleanup.executableURL = URL(fileURLWithPath: "/bin/sh")
-            cleanup.arguments = ["-c", "ip netns pids \(name) | xargs -r kill -9; ip netns del \(name); rm -rf /tmp/keyhole-e2e-\(name)"]
+            cleanup.arguments = ["-c", "ip netns pids \(name) | xargs -r kill -9; ip netns del \(name); rm -rf /etc/netns/\(name) /tmp/keyhole-e2e-\(name)"]
             try? cleanup.run()
             cleanup.waitUntilExit()
         }
@@ -91,7 +144,7 @@ final class ProxyHarness: @unchecked Sendable {
     @discardableResult
     func upstream(_ ip: String, port: Int, cert: String?, extra: [String] = []) throws -> String {
         let log = "\(directory)/upstream-\(ip)-\(port).log"
-        var arguments = ["netns", "exec", namespace, "python3", CLI.root + "/Tests/keyholeTests/Fixtures/upstream.py",
+        var arguments = ["netns", "exec", internetNamespace, "python3", CLI.root + "/Tests/keyholeTests/Fixtures/upstream.py",
                          "--bind", ip, "--port", String(port), "--log", log] + extra
         if let cert { arguments += ["--cert", "\(directory)/\(cert).pem", "--key", "\(directory)/\(cert).key"] }
         let ready = directory + "/upstream-\(ip)-\(port).ready"
@@ -102,19 +155,37 @@ final class ProxyHarness: @unchecked Sendable {
         return log
     }
 
-    /// Writes the policy (with `{{DIR}}` replaced) and starts `keyhole proxy` in the namespace.
+    /// Writes the policy (with `{{DIR}}` replaced) and starts `keyhole proxy`: with --listen
+    /// in redirect mode, with --interface in the appliance namespace in appliance mode.
     func startProxy(policy: String, pins: [String] = ["api.example.test=203.0.113.10"], extra: [String] = []) throws {
         let path = directory + "/policy.yaml"
-        try policy.replacingOccurrences(of: "{{DIR}}", with: directory).write(toFile: path, atomically: true, encoding: .utf8)
+        try writePolicy(policy)
         metricsPort = 19000 + Int.random(in: 0..<900)
-        var arguments = ["netns", "exec", namespace, CLI.binary, "proxy", "--policy", path, "--listen", "127.0.0.1:15001",
+        var arguments = ["netns", "exec", applianceNamespace, CLI.binary, "proxy", "--policy", path,
                          "--state-dir", stateDirectory, "--audit-log", auditLog, "--metrics", "127.0.0.1:\(metricsPort)",
                          "--first-flight-timeout", "1"]
-        for pin in pins { arguments += ["--pin", pin] }
+        switch mode {
+        case .redirect:
+            arguments += ["--listen", "127.0.0.1:15001"]
+            for pin in pins { arguments += ["--pin", pin] }
+        case .appliance:
+            arguments += ["--interface", guestInterface]
+        }
+        try? FileManager.default.removeItem(atPath: proxyStderr)
         let process = try spawn("/usr/sbin/ip", arguments + extra, stdout: proxyStdout, stderr: proxyStderr)
         proxy = process
         processes.append(process)
         try waitFor(file: proxyStderr, containing: "listening on")
+        if mode == .appliance { try waitFor(file: proxyStderr, containing: "guarding") }
+    }
+
+    func writePolicy(_ policy: String) throws {
+        try policy.replacingOccurrences(of: "{{DIR}}", with: directory).write(toFile: directory + "/policy.yaml", atomically: true, encoding: .utf8)
+    }
+
+    /// Runs a command in the appliance namespace (to look at its rules).
+    func appliance(_ command: String) throws -> CLI.Result {
+        try run("ip netns exec \(applianceNamespace) sh -c \(shellQuote(command))")
     }
 
     /// Runs a shell command inside the namespace (the guest's side).
@@ -145,7 +216,7 @@ final class ProxyHarness: @unchecked Sendable {
     var stderr: String { (try? String(contentsOfFile: proxyStderr, encoding: .utf8)) ?? "" }
 
     func metricsText() throws -> String {
-        try guest("curl -sS --max-time 5 http://127.0.0.1:\(metricsPort)/metrics").stdout
+        try appliance("curl -sS --max-time 5 http://127.0.0.1:\(metricsPort)/metrics").stdout
     }
 
     /// Waits for the proxy to exit; returns its status, or nil if it is still running.
@@ -157,7 +228,7 @@ final class ProxyHarness: @unchecked Sendable {
     }
 
     func proxyPID() throws -> Int32? {
-        let out = try run("pgrep -f -n 'keyhole proxy --policy \(directory)/policy.yaml'").stdout
+        let out = try run("pgrep -f -n 'proxy --policy \(directory)/policy.yaml'").stdout
         return Int32(out.trimmingCharacters(in: .whitespacesAndNewlines))
     }
 
@@ -165,11 +236,15 @@ final class ProxyHarness: @unchecked Sendable {
         for process in processes where process.isRunning {
             kill(process.processIdentifier, SIGTERM)
         }
-        usleep(200_000)
-        // `ip netns exec` forwards nothing: end whatever still runs in the namespace.
-        _ = try? run("ip netns pids \(namespace) | xargs -r kill -9")
+        usleep(300_000)
+        for ns in Set([namespace, applianceNamespace, internetNamespace]) {
+            // `ip netns exec` forwards nothing: end whatever still runs in the namespace.
+            _ = try? run("ip netns pids \(ns) | xargs -r kill -9")
+        }
         for process in processes where process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        _ = try? run("ip netns del \(namespace)")
+        for ns in Set([namespace, applianceNamespace, internetNamespace]) {
+            _ = try? run("ip netns del \(ns); rm -rf /etc/netns/\(ns)")
+        }
         try? FileManager.default.removeItem(atPath: directory)
     }
 

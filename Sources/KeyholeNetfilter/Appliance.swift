@@ -1,0 +1,110 @@
+import Foundation
+public import KeyholePolicy
+
+/// Installs and removes Keyhole's rules for one interface, with the system's `nft` and
+/// `iptables-nft`/`ip6tables-nft` binaries.
+public final class Appliance: Sendable {
+    public let rules: ApplianceRules
+    /// Whether the mangle tables existed before we added our queue chain (so removal can
+    /// leave `nft list ruleset` exactly as it was).
+    private let hadMangle: [String: Bool]
+
+    public init(rules: ApplianceRules) {
+        self.rules = rules
+        var had: [String: Bool] = [:]
+        for family in ["ip", "ip6"] {
+            had[family] = (try? Self.run("/usr/sbin/nft", ["list", "table", family, "mangle"])) != nil
+        }
+        hadMangle = had
+    }
+
+    /// Replaces any stale copy, then installs the table and the queue chain.
+    public func install() throws(NetfilterError) {
+        removeQueue()
+        do {
+            _ = try Self.run("/usr/sbin/nft", ["-f", "-"], input: rules.nftScript())
+            for binary in ["/usr/sbin/iptables-nft", "/usr/sbin/ip6tables-nft"] {
+                for command in rules.queueInstallCommands() {
+                    _ = try Self.run(binary, ["-w"] + command)
+                }
+            }
+        } catch {
+            remove()
+            throw error
+        }
+    }
+
+    /// Removes everything `install` added; safe to call more than once.
+    public func remove() {
+        removeQueue()
+        _ = try? Self.run("/usr/sbin/nft", ["-f", "-"], input: rules.nftRemoveScript)
+        for (family, existed) in hadMangle where !existed {
+            // iptables-nft created the table (with empty base chains) for our queue chain:
+            // take it away again when nothing else put a rule in it meanwhile.
+            guard let listing = try? Self.run("/usr/sbin/nft", ["list", "table", family, "mangle"]) else { continue }
+            let rules = listing.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.filter { line in
+                !line.isEmpty && !line.hasPrefix("table") && !line.hasPrefix("chain") && !line.hasPrefix("type") && line != "}"
+            }
+            if rules.isEmpty { _ = try? Self.run("/usr/sbin/nft", ["delete", "table", family, "mangle"]) }
+        }
+    }
+
+    private func removeQueue() {
+        for binary in ["/usr/sbin/iptables-nft", "/usr/sbin/ip6tables-nft"] {
+            for command in rules.queueRemoveCommands() {
+                _ = try? Self.run(binary, ["-w"] + command)
+            }
+        }
+    }
+
+    /// Puts `address` on the interface (`network.gateway`) and brings it up.
+    public static func configure(interface: String, address: InterfaceAddress?) throws(NetfilterError) {
+        guard FileManager.default.fileExists(atPath: "/sys/class/net/\(interface)") else {
+            throw .interface(interface, "does not exist")
+        }
+        if let address {
+            _ = try run("/usr/sbin/ip", ["addr", "replace", address.description, "dev", interface])
+        }
+        _ = try run("/usr/sbin/ip", ["link", "set", interface, "up"])
+    }
+
+    /// Enables forwarding (for the guest's DNS and non-TCP egress); returns the old values.
+    public static func enableForwarding() -> [String: String] {
+        var previous: [String: String] = [:]
+        for path in ["/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"] {
+            previous[path] = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+            try? "1".write(toFile: path, atomically: false, encoding: .utf8)
+        }
+        return previous
+    }
+
+    public static func restore(_ values: [String: String]) {
+        for (path, value) in values { try? value.write(toFile: path, atomically: false, encoding: .utf8) }
+    }
+
+    @discardableResult
+    static func run(_ executable: String, _ arguments: [String], input: String? = nil) throws(NetfilterError) -> String {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let output = Pipe()
+        let stdin = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        process.standardInput = stdin
+        do {
+            try process.run()
+        } catch {
+            throw .command(([executable] + arguments).joined(separator: " "), "\(error)")
+        }
+        if let input { stdin.fileHandleForWriting.write(Data(input.utf8)) }
+        try? stdin.fileHandleForWriting.close()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        let text = String(decoding: data, as: UTF8.self)
+        guard process.terminationStatus == 0 else {
+            throw .command(([executable] + arguments).joined(separator: " "), text.trimmingCharacters(in: .whitespacesAndNewlines))
+        }
+        return text
+    }
+}

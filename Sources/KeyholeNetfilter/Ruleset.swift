@@ -1,0 +1,125 @@
+public import KeyholePolicy
+
+/// Keyhole's netfilter rules for one guest-facing interface (BRIEF §1): one nft table
+/// (`inet keyhole_<iface>`) for redirection, egress and masquerade, plus an iptables-nft
+/// mangle chain for the DNS answer queue (this kernel's nft lacks a native `queue`; the
+/// xt NFQUEUE target through nft_compat does the job).
+public struct ApplianceRules: Sendable, Equatable {
+    public var interface: String
+    public var proxyPort: UInt16
+    public var queueNumber: UInt16
+    public var egress: EgressPolicy
+    /// When set, guest DNS may go only to these resolvers.
+    public var resolvers: [IPAddress]
+
+    public init(interface: String, proxyPort: UInt16, queueNumber: UInt16, egress: EgressPolicy, resolvers: [IPAddress] = []) {
+        self.interface = interface
+        self.proxyPort = proxyPort
+        self.queueNumber = queueNumber
+        self.egress = egress
+        self.resolvers = resolvers
+    }
+
+    /// Interface names are at most 15 of `[A-Za-z0-9._-]`; nft and iptables names derive from them.
+    public static func interfaceProblem(_ name: String) -> String? {
+        if name.isEmpty || name.utf8.count > 15 { return "must be 1 to 15 characters" }
+        let ok = name.utf8.allSatisfy { b in
+            (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2D || b == 0x5F || b == 0x2E
+        }
+        return ok ? nil : "may contain only letters, digits, '-', '_' and '.'"
+    }
+
+    var suffix: String {
+        String(interface.map { $0.isLetter || $0.isNumber ? $0 : "_" })
+    }
+
+    public var tableName: String { "keyhole_" + suffix }
+    public var queueChain: String { "KEYHOLE-" + suffix }
+
+    /// Networks that are not "public" (BRIEF §4: private, loopback, link-local, metadata…).
+    static let internalV4 = ["0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+                             "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4"]
+    static let internalV6 = ["::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8", "100::/64"]
+
+    static func family(_ network: IPNetwork) -> String { network.address.isIPv4 ? "ip" : "ip6" }
+
+    /// An nft script that replaces any earlier copy of the table in one transaction.
+    public func nftScript() -> String {
+        let iface = "\"\(interface)\""
+        var egressRules: [String] = []
+        for rule in egress.deny {
+            if case .network(let network) = rule { egressRules.append("\(Self.family(network)) daddr \(network) drop") }
+        }
+        for rule in egress.allow {
+            if case .network(let network) = rule { egressRules.append("\(Self.family(network)) daddr \(network) accept") }
+        }
+        switch egress.default {
+        case .public:
+            egressRules.append("ip daddr { \(Self.internalV4.joined(separator: ", ")) } drop")
+            egressRules.append("ip6 daddr { \(Self.internalV6.joined(separator: ", ")) } drop")
+            egressRules.append("accept")
+        case .none:
+            egressRules.append("drop")
+        case .all:
+            egressRules.append("accept")
+        }
+        var dnsRules: [String] = []
+        if resolvers.isEmpty {
+            dnsRules.append("meta l4proto { tcp, udp } th dport 53 accept")
+        } else {
+            for resolver in resolvers {
+                dnsRules.append("\(resolver.isIPv4 ? "ip" : "ip6") daddr \(resolver) meta l4proto { tcp, udp } th dport 53 accept")
+            }
+        }
+        return """
+            table inet \(tableName)
+            delete table inet \(tableName)
+            table inet \(tableName) {
+              chain prerouting {
+                type nat hook prerouting priority dstnat; policy accept;
+                iifname \(iface) tcp dport 53 return
+                iifname \(iface) meta l4proto tcp redirect to :\(proxyPort)
+              }
+              chain forward {
+                type filter hook forward priority filter; policy accept;
+                oifname \(iface) ct state established,related accept
+                iifname \(iface) jump guest_egress
+              }
+              chain guest_egress {
+                udp dport 443 drop
+            \(dnsRules.map { "    " + $0 }.joined(separator: "\n"))
+                meta l4proto tcp drop
+            \(egressRules.map { "    " + $0 }.joined(separator: "\n"))
+              }
+              chain postrouting {
+                type nat hook postrouting priority srcnat; policy accept;
+                iifname \(iface) masquerade
+              }
+            }
+
+            """
+    }
+
+    public var nftRemoveScript: String { "delete table inet \(tableName)\n" }
+
+    /// iptables-nft commands (arguments after the binary) that queue DNS answers to the guest.
+    public func queueInstallCommands() -> [[String]] {
+        var commands: [[String]] = [["-t", "mangle", "-N", queueChain]]
+        for proto in ["udp", "tcp"] {
+            commands.append(["-t", "mangle", "-A", queueChain, "-p", proto, "--sport", "53", "-j", "NFQUEUE", "--queue-num", String(queueNumber)])
+        }
+        commands.append(["-t", "mangle", "-A", "FORWARD", "-o", interface, "-j", queueChain])
+        commands.append(["-t", "mangle", "-A", "OUTPUT", "-o", interface, "-j", queueChain])
+        return commands
+    }
+
+    /// Commands that undo `queueInstallCommands` (errors ignored: parts may be missing).
+    public func queueRemoveCommands() -> [[String]] {
+        [
+            ["-t", "mangle", "-D", "FORWARD", "-o", interface, "-j", queueChain],
+            ["-t", "mangle", "-D", "OUTPUT", "-o", interface, "-j", queueChain],
+            ["-t", "mangle", "-F", queueChain],
+            ["-t", "mangle", "-X", queueChain],
+        ]
+    }
+}

@@ -1,0 +1,107 @@
+import Foundation
+import Testing
+
+/// `keyhole proxy --interface` as a drop-in appliance: a guest namespace attached by veth to
+/// the appliance namespace, which routes to an "internet" namespace with dnsmasq and real
+/// TLS servers. The guest resolves names through the appliance (its answers pass NFQUEUE).
+@Suite("Appliance end to end", .serialized, .enabled(if: isRoot, "needs root for network namespaces"))
+struct ApplianceEndToEndTests {
+    static let realValue = "appliance-real-token-0003"
+
+    static let policy = """
+        version: 1
+        name: appliance
+        secrets:
+          - env: TOKEN
+            value: "\(realValue)"
+            allow_hosts: [api.example.test]
+        network:
+          gateway: 10.0.2.1/30
+          on_secret_violation: block-and-log
+          upstream_ca: [{{DIR}}/upca.pem]
+        """
+
+    func curl(_ harness: ProxyHarness, _ url: String, _ options: String = "") throws -> CLI.Result {
+        try harness.guest("curl -sS --max-time 8 --cacert \(harness.stateDirectory)/ca.pem \(options) '\(url)'")
+    }
+
+    @Test func resolvedNamesGetTheirSecretAndEverythingElseIsGuarded() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        let unpinnedLog = try harness.upstream("203.0.113.12", port: 443, cert: "api.example.test")
+        let before = try harness.appliance("nft list ruleset; iptables-nft-save | grep -v '^#'; ip6tables-nft-save | grep -v '^#'").stdout
+        try harness.startProxy(policy: Self.policy)
+
+        // The guest resolves the name through the appliance and gets its secret substituted.
+        let ok = try curl(harness, "https://api.example.test/resolved", "-H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(ok.stdout == "ok\n", "\(ok.stderr)")
+        #expect(harness.header(harness.records(log).first ?? [:], "Authorization") == "Bearer \(Self.realValue)")
+
+        // Right SNI, but an address no DNS answer gave for it: no substitution, violation.
+        let unpinned = try curl(
+            harness, "https://api.example.test/unpinned", "--resolve api.example.test:443:203.0.113.12 -H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(unpinned.status == 56)
+        #expect(harness.records(unpinnedLog).isEmpty)
+        #expect(harness.audit.contains("\"reason\":\"dns-not-pinned\""))
+
+        // A public name rebound to a private address: the answer never reaches the guest.
+        let rebind = try harness.guest("getent hosts rebind.example.test")
+        #expect(rebind.status != 0)
+        #expect(harness.audit.contains("\"event\":\"dns-rebinding-dropped\""))
+
+        // Egress for non-TCP traffic: the "internet" is reachable, a private range is not.
+        #expect(try harness.guest("ping -c 1 -W 2 203.0.113.10").status == 0)
+        #expect(try harness.guest("ping -c 1 -W 2 192.168.77.7").status != 0)
+        // QUIC is dropped; plain TCP goes through the proxy (which relays it).
+        let quic = try harness.guest("python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); s.sendto(b'x', ('203.0.113.10', 443)); print('sent')\"")
+        #expect(quic.status == 0)
+
+        // SIGTERM removes every rule: the ruleset is byte-identical to before.
+        try harness.sh("kill -TERM \(try #require(try harness.proxyPID()))")
+        #expect(harness.waitForProxyExit(seconds: 10) == 0)
+        let after = try harness.appliance("nft list ruleset; iptables-nft-save | grep -v '^#'; ip6tables-nft-save | grep -v '^#'").stdout
+        #expect(after == before)
+        for text in [harness.audit, harness.stderr, ok.stderr] { #expect(!text.contains(Self.realValue)) }
+    }
+
+    @Test func killNineFailsClosedAndARestartRecovers() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        try harness.startProxy(policy: Self.policy)
+        #expect(try curl(harness, "https://api.example.test/first").stdout == "ok\n")
+        try harness.sh("kill -9 \(try #require(try harness.proxyPID()))")
+        _ = harness.waitForProxyExit(seconds: 5)
+        // Neither DNS (the queue has no listener) nor TCP (the redirect has no listener) gets out.
+        let dead = try curl(harness, "https://api.example.test/dead", "--max-time 4")
+        #expect(dead.status != 0)
+        let direct = try curl(harness, "https://api.example.test/dead", "--max-time 4 --resolve api.example.test:443:203.0.113.10")
+        #expect(direct.status != 0)
+        // A restart replaces the stale rules and works again.
+        try harness.startProxy(policy: Self.policy)
+        #expect(try curl(harness, "https://api.example.test/again").stdout == "ok\n")
+        let tables = try harness.appliance("nft list tables").stdout
+        #expect(tables.components(separatedBy: "keyhole_").count == 2, "exactly one keyhole table: \(tables)")
+    }
+
+    @Test func sighupReloadsTheAllowList() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        let log = try harness.upstream("203.0.113.11", port: 443, cert: "other.example.test")
+        try harness.startProxy(policy: Self.policy)
+        let before = try curl(harness, "https://other.example.test/before", "-H 'X: $MSB_TOKEN'")
+        #expect(before.status == 56)
+        try harness.writePolicy(Self.policy.replacingOccurrences(of: "allow_hosts: [api.example.test]", with: "allow_hosts: [api.example.test, other.example.test]"))
+        try harness.sh("kill -HUP \(try #require(try harness.proxyPID()))")
+        try harness.waitFor(file: harness.proxyStderr, containing: "reloaded")
+        let after = try curl(harness, "https://other.example.test/after", "-H 'X: $MSB_TOKEN'")
+        #expect(after.stdout == "ok\n", "\(after.stderr)")
+        #expect(harness.header(harness.records(log).first ?? [:], "X") == Self.realValue)
+        // An invalid policy is refused and the running one stays.
+        try harness.writePolicy("version: 1\nsecrets: [{ env: BROKEN }]\n")
+        try harness.sh("kill -HUP \(try #require(try harness.proxyPID()))")
+        try harness.waitFor(file: harness.proxyStderr, containing: "kept the running policy")
+        #expect(try curl(harness, "https://other.example.test/still", "-H 'X: $MSB_TOKEN'").stdout == "ok\n")
+    }
+}
