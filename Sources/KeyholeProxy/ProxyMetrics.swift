@@ -24,6 +24,9 @@ public final class ProxyMetrics: Sendable {
     let leafCacheMisses: Counter
     let bytesUpstream: Counter
     let bytesDownstream: Counter
+    let dnsPinned: Counter
+    let dnsRebindingDropped: Counter
+    let dnsUnparsed: Counter
 
     public init() {
         let registry = PrometheusCollectorRegistry()
@@ -48,10 +51,26 @@ public final class ProxyMetrics: Sendable {
         leafCacheMisses = counter("keyhole_leaf_cache_misses_total", [])
         bytesUpstream = counter("keyhole_bytes_total", [("direction", "upstream")])
         bytesDownstream = counter("keyhole_bytes_total", [("direction", "downstream")])
+        dnsPinned = counter("keyhole_dns_answers_total", [("result", "pinned")])
+        dnsRebindingDropped = counter("keyhole_dns_answers_total", [("result", "dropped-rebinding")])
+        dnsUnparsed = counter("keyhole_dns_answers_total", [("result", "unparsed")])
     }
 
     func substitution(secret: String, site: String) {
         Counter(label: "keyhole_substitutions_total", dimensions: [("secret", secret), ("site", site)], factory: factory).increment()
+    }
+
+    public enum DNSAnswerResult: Sendable {
+        case pinned, droppedRebinding, unparsed
+    }
+
+    /// Counts a DNS answer the appliance saw on its way to the guest.
+    public func dnsAnswer(_ result: DNSAnswerResult) {
+        switch result {
+        case .pinned: dnsPinned.increment()
+        case .droppedRebinding: dnsRebindingDropped.increment()
+        case .unparsed: dnsUnparsed.increment()
+        }
     }
 
     /// Prometheus text exposition format.

@@ -143,7 +143,8 @@ struct ProxyCommand: AsyncParsableCommand {
             let rules = ApplianceRules(
                 interface: interface, proxyPort: UInt16(bound.port ?? Int(proxyPort)), queueNumber: queueNum,
                 egress: loaded.network.egress, resolvers: loaded.network.dns)
-            let observer = DNSAnswerObserver(dns: dns, policy: DNSAnswerPolicy(egress: loaded.network.egress), audit: audit, sandbox: loaded.name)
+            let observer = DNSAnswerObserver(
+                dns: dns, policy: DNSAnswerPolicy(egress: loaded.network.egress), audit: audit, metrics: proxyMetrics, sandbox: loaded.name)
             do {
                 try Appliance.configure(interface: interface, address: loaded.network.gateway)
                 forwarding = Appliance.enableForwarding()
@@ -245,12 +246,14 @@ final class DNSAnswerObserver: Sendable {
     let dns: DNSObservations
     let policy: DNSAnswerPolicy
     let audit: AuditLog
+    let metrics: ProxyMetrics
     let sandbox: String
 
-    init(dns: DNSObservations, policy: DNSAnswerPolicy, audit: AuditLog, sandbox: String) {
+    init(dns: DNSObservations, policy: DNSAnswerPolicy, audit: AuditLog, metrics: ProxyMetrics, sandbox: String) {
         self.dns = dns
         self.policy = policy
         self.audit = audit
+        self.metrics = metrics
         self.sandbox = sandbox
     }
 
@@ -262,14 +265,19 @@ final class DNSAnswerObserver: Sendable {
         // Whatever we cannot read passes untouched (it pins nothing).
         guard let payload = try? DNSPacket.dnsPayload(packet),
             let resolution = try? DNSMessage.parseResponse(Array(payload.dns))
-        else { return true }
+        else {
+            metrics.dnsAnswer(.unparsed)
+            return true
+        }
         if let bad = resolution.addresses.first(where: { policy.isRebinding($0.address) }) {
             audit.write(
                 AuditRecord(
                     level: .warn, event: "dns-rebinding-dropped", sandbox: sandbox, connection: 0, reason: "internal-address",
                     host: resolution.queriedName, destination: bad.address.description))
+            metrics.dnsAnswer(.droppedRebinding)
             return false
         }
+        if !resolution.addresses.isEmpty { metrics.dnsAnswer(.pinned) }
         for answer in resolution.addresses {
             dns.record(name: resolution.queriedName, address: answer.address, ttl: answer.ttl)
         }

@@ -50,6 +50,13 @@ struct ApplianceEndToEndTests {
         #expect(rebind.status != 0)
         #expect(harness.audit.contains("\"event\":\"dns-rebinding-dropped\""))
 
+        let metrics = try harness.metricsText()
+        // Counters exist from the start at 0; these must have moved.
+        for result in ["pinned", "dropped-rebinding"] {
+            #expect(metrics.contains("keyhole_dns_answers_total{result=\"\(result)\"}"), "\(metrics)")
+            #expect(!metrics.contains("keyhole_dns_answers_total{result=\"\(result)\"} 0\n"), "\(metrics)")
+        }
+
         // Egress for non-TCP traffic: the "internet" is reachable, a private range is not.
         #expect(try harness.guest("ping -c 1 -W 2 203.0.113.10").status == 0)
         #expect(try harness.guest("ping -c 1 -W 2 192.168.77.7").status != 0)
