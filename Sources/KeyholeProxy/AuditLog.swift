@@ -62,11 +62,10 @@ public struct AuditRecord: Sendable {
         return "{" + fields.map { "\"\($0.0)\":" + ($0.0 == "connection" ? $0.1! : AuditRecord.quote($0.1!)) }.joined(separator: ",") + "}"
     }
 
-    static func timestamp(_ date: Date) -> String {
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return formatter.string(from: date)
-    }
+    /// One shared (value-type, Sendable) format instead of a formatter per record.
+    static let timeFormat = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
+
+    static func timestamp(_ date: Date) -> String { timeFormat.format(date) }
 
     /// A JSON string literal for `value` (quotes, backslashes and control characters escaped).
     public static func quote(_ value: String) -> String {

@@ -1,4 +1,5 @@
 import CoreMetrics
+import Synchronization
 
 typealias Counter = CoreMetrics.Counter
 public import Prometheus
@@ -56,8 +57,19 @@ public final class ProxyMetrics: Sendable {
         dnsUnparsed = counter("keyhole_dns_answers_total", [("result", "unparsed")])
     }
 
+    /// One counter per (secret, site), made on first use and kept, so a substitution costs
+    /// a dictionary lookup rather than a registry lookup and a new handle.
+    private let substitutionCounters = Mutex<[String: Counter]>([:])
+
     func substitution(secret: String, site: String) {
-        Counter(label: "keyhole_substitutions_total", dimensions: [("secret", secret), ("site", site)], factory: factory).increment()
+        let counter = substitutionCounters.withLock { counters in
+            let key = secret + "\u{0}" + site
+            if let existing = counters[key] { return existing }
+            let made = Counter(label: "keyhole_substitutions_total", dimensions: [("secret", secret), ("site", site)], factory: factory)
+            counters[key] = made
+            return made
+        }
+        counter.increment()
     }
 
     public enum DNSAnswerResult: Sendable {

@@ -147,10 +147,10 @@ enum OriginalDestination {
         }
         if case .v6 = channel.localAddress {
             let future: EventLoopFuture<sockaddr_in6> = provider.unsafeGetSocketOption(level: SocketOptionLevel(IPPROTO_IPV6), name: soOriginalDst)
-            return future.map { SocketAddress(sockaddr_in6: $0) }
+            return future.map { SocketAddress($0) }
         }
         let future: EventLoopFuture<sockaddr_in> = provider.unsafeGetSocketOption(level: SocketOptionLevel(IPPROTO_IP), name: soOriginalDst)
-        return future.map { SocketAddress(sockaddr_in: $0) }
+        return future.map { SocketAddress($0) }
     }
 }
 
@@ -159,14 +159,6 @@ extension sockaddr_in: @retroactive @unchecked Sendable {}
 extension sockaddr_in6: @retroactive @unchecked Sendable {}
 
 extension SocketAddress {
-    init(sockaddr_in address: sockaddr_in) {
-        self.init(address)
-    }
-
-    init(sockaddr_in6 address: sockaddr_in6) {
-        self.init(address)
-    }
-
     /// The address as an `IPAddress` (nil for Unix sockets).
     var keyholeIP: IPAddress? {
         switch self {
