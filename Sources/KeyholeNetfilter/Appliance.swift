@@ -13,7 +13,7 @@ public final class Appliance: Sendable {
         self.rules = rules
         var had: [String: Bool] = [:]
         for family in ["ip", "ip6"] {
-            had[family] = (try? Self.run("/usr/sbin/nft", ["list", "table", family, "mangle"])) != nil
+            had[family] = (try? HostCommand.run("/usr/sbin/nft", ["list", "table", family, "mangle"])) != nil
         }
         hadMangle = had
     }
@@ -22,10 +22,10 @@ public final class Appliance: Sendable {
     public func install() throws(NetfilterError) {
         removeQueue()
         do {
-            _ = try Self.run("/usr/sbin/nft", ["-f", "-"], input: rules.nftScript())
+            _ = try HostCommand.run("/usr/sbin/nft", ["-f", "-"], input: rules.nftScript())
             for binary in ["/usr/sbin/iptables-nft", "/usr/sbin/ip6tables-nft"] {
                 for command in rules.queueInstallCommands() {
-                    _ = try Self.run(binary, ["-w"] + command)
+                    _ = try HostCommand.run(binary, ["-w"] + command)
                 }
             }
         } catch {
@@ -37,22 +37,29 @@ public final class Appliance: Sendable {
     /// Removes everything `install` added; safe to call more than once.
     public func remove() {
         removeQueue()
-        _ = try? Self.run("/usr/sbin/nft", ["-f", "-"], input: rules.nftRemoveScript)
+        _ = try? HostCommand.run("/usr/sbin/nft", ["-f", "-"], input: rules.nftRemoveScript)
         for (family, existed) in hadMangle where !existed {
             // iptables-nft created the table (with empty base chains) for our queue chain:
             // take it away again when nothing else put a rule in it meanwhile.
-            guard let listing = try? Self.run("/usr/sbin/nft", ["list", "table", family, "mangle"]) else { continue }
+            guard let listing = try? HostCommand.run("/usr/sbin/nft", ["list", "table", family, "mangle"]) else { continue }
             let rules = listing.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.filter { line in
                 !line.isEmpty && !line.hasPrefix("table") && !line.hasPrefix("chain") && !line.hasPrefix("type") && line != "}"
             }
-            if rules.isEmpty { _ = try? Self.run("/usr/sbin/nft", ["delete", "table", family, "mangle"]) }
+            if rules.isEmpty { _ = try? HostCommand.run("/usr/sbin/nft", ["delete", "table", family, "mangle"]) }
         }
+    }
+
+    /// Swaps the table for a drop-everything one and removes the queue chain; `remove()`
+    /// takes the quarantine away too.
+    public func quarantine() {
+        removeQueue()
+        _ = try? HostCommand.run("/usr/sbin/nft", ["-f", "-"], input: rules.quarantineScript())
     }
 
     private func removeQueue() {
         for binary in ["/usr/sbin/iptables-nft", "/usr/sbin/ip6tables-nft"] {
             for command in rules.queueRemoveCommands() {
-                _ = try? Self.run(binary, ["-w"] + command)
+                _ = try? HostCommand.run(binary, ["-w"] + command)
             }
         }
     }
@@ -63,9 +70,9 @@ public final class Appliance: Sendable {
             throw .interface(interface, "does not exist")
         }
         if let address {
-            _ = try run("/usr/sbin/ip", ["addr", "replace", address.description, "dev", interface])
+            _ = try HostCommand.run("/usr/sbin/ip", ["addr", "replace", address.description, "dev", interface])
         }
-        _ = try run("/usr/sbin/ip", ["link", "set", interface, "up"])
+        _ = try HostCommand.run("/usr/sbin/ip", ["link", "set", interface, "up"])
     }
 
     /// Enables forwarding (for the guest's DNS and non-TCP egress); returns the old values.
@@ -81,11 +88,16 @@ public final class Appliance: Sendable {
     public static func restore(_ values: [String: String]) {
         for (path, value) in values { try? value.write(toFile: path, atomically: false, encoding: .utf8) }
     }
+}
 
+/// Runs a system tool to completion and returns its combined output; a non-zero exit is an
+/// error that names the command and carries what it printed.
+public enum HostCommand {
     @discardableResult
-    static func run(_ executable: String, _ arguments: [String], input: String? = nil) throws(NetfilterError) -> String {
+    public static func run(_ executable: String, _ arguments: [String], input: String? = nil, directory: String? = nil) throws(NetfilterError) -> String {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
+        if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
         process.arguments = arguments
         let output = Pipe()
         let stdin = Pipe()

@@ -102,6 +102,28 @@ public struct ApplianceRules: Sendable, Equatable {
 
     public var nftRemoveScript: String { "delete table inet \(tableName)\n" }
 
+    /// Replaces the table with one that drops every packet from the interface, in both the
+    /// input and forward paths (block-and-terminate on a guest Keyhole did not launch).
+    public func quarantineScript() -> String {
+        let iface = "\"\(interface)\""
+        return """
+            table inet \(tableName)
+            delete table inet \(tableName)
+            table inet \(tableName) {
+              chain input {
+                type filter hook input priority filter - 10; policy accept;
+                iifname \(iface) drop
+              }
+              chain forward {
+                type filter hook forward priority filter - 10; policy accept;
+                iifname \(iface) drop
+                oifname \(iface) drop
+              }
+            }
+
+            """
+    }
+
     /// iptables-nft commands (arguments after the binary) that queue DNS answers to the guest.
     public func queueInstallCommands() -> [[String]] {
         var commands: [[String]] = [["-t", "mangle", "-N", queueChain]]

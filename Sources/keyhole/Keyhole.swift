@@ -9,7 +9,7 @@ struct Keyhole: AsyncParsableCommand {
         abstract: "Transparent egress credential proxy: guests hold placeholders, Keyhole swaps in real values only for verified, allowed hosts.",
         version: version,
         subcommands: [
-            PolicyCommand.self, CACommand.self, RewriteCommand.self, ProxyCommand.self, RunCommand.self,
+            PolicyCommand.self, CACommand.self, RewriteCommand.self, ProxyCommand.self, RunCommand.self, ImageCommand.self,
         ]
     )
 

@@ -1,12 +1,14 @@
 import ArgumentParser
 import Dispatch
 import Foundation
+import KeyholeLauncher
 import KeyholeNetfilter
 import KeyholePolicy
 import KeyholeProxy
 import KeyholeTLS
 import NIOCore
 import NIOPosix
+import Synchronization
 
 struct ProxyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -26,19 +28,22 @@ struct ProxyCommand: AsyncParsableCommand {
             """
     )
 
-    @Option(help: ArgumentHelp("Policy file.", valueName: "file"))
-    var policy: String
+    @Option(
+        name: .customLong("policy"),
+        help: ArgumentHelp("Policy file; with several --interface, one per interface, in the same order.", valueName: "file"))
+    var policies: [String] = []
 
     @Option(
+        name: .customLong("interface"),
         help: ArgumentHelp(
-            "Guest-facing interface: install Keyhole's netfilter rules on it and observe the guest's DNS (appliance mode).",
+            "Guest-facing interface: install Keyhole's netfilter rules on it and observe the guest's DNS (appliance mode). Repeatable.",
             valueName: "iface"))
-    var interface: String?
+    var interfaces: [String] = []
 
-    @Option(help: ArgumentHelp("Appliance mode: the port REDIRECTed flows go to.", valueName: "port"))
+    @Option(help: ArgumentHelp("Appliance mode: the port REDIRECTed flows go to (the n-th interface uses port+n-1).", valueName: "port"))
     var proxyPort: UInt16 = 15001
 
-    @Option(help: ArgumentHelp("Appliance mode: the NFQUEUE number for DNS answers.", valueName: "n"))
+    @Option(help: ArgumentHelp("Appliance mode: the NFQUEUE number for DNS answers (the n-th interface uses n+i-1).", valueName: "n"))
     var queueNum: UInt16 = 4242
 
     @Option(help: ArgumentHelp("Address the REDIRECTed flows arrive at.", valueName: "host:port"))
@@ -67,10 +72,21 @@ struct ProxyCommand: AsyncParsableCommand {
     var headTimeout: Double = 30
 
     func validate() throws {
-        if let interface, let problem = ApplianceRules.interfaceProblem(interface) {
-            throw ValidationError("--interface '\(interface)' \(problem)")
+        for interface in interfaces {
+            if let problem = ApplianceRules.interfaceProblem(interface) { throw ValidationError("--interface '\(interface)' \(problem)") }
         }
-        if listen == nil && interface == nil { throw ValidationError("give --interface IFACE (appliance) or --listen HOST:PORT (your own rules)") }
+        if Set(interfaces).count != interfaces.count { throw ValidationError("each --interface may be given once") }
+        if listen == nil && interfaces.isEmpty { throw ValidationError("give --interface IFACE (appliance) or --listen HOST:PORT (your own rules)") }
+        if listen != nil && !interfaces.isEmpty { throw ValidationError("--listen and --interface exclude each other") }
+        if policies.isEmpty { throw ValidationError("missing --policy FILE") }
+        if listen != nil && policies.count != 1 { throw ValidationError("--listen serves one --policy") }
+        if !interfaces.isEmpty && policies.count != interfaces.count {
+            throw ValidationError("give one --policy per --interface, in the same order (\(interfaces.count) interfaces, \(policies.count) policies)")
+        }
+        if !interfaces.isEmpty && (Int(proxyPort) + interfaces.count - 1 > 65535 || Int(queueNum) + interfaces.count - 1 > 65535) {
+            throw ValidationError("--proxy-port/--queue-num leave no room for \(interfaces.count) interfaces")
+        }
+        if !pins.isEmpty && !interfaces.isEmpty { throw ValidationError("--pin is for --listen mode; in appliance mode pins come from the guest's DNS answers") }
         for pin in pins where Self.parsePin(pin) == nil {
             throw ValidationError("--pin '\(pin)' must be NAME=IP, such as api.example.com=203.0.113.10")
         }
@@ -98,70 +114,36 @@ struct ProxyCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let loaded = try PolicyFile.load(policy)
-        for warning in loaded.warnings { Output.err(warning.description) }
-        let listenAddress = try Self.parseAddress(listen ?? "0.0.0.0:\(proxyPort)")
+        var loaded: [Policy] = []
+        for path in policies {
+            let policy = try PolicyFile.load(path)
+            for warning in policy.warnings { Output.err(warning.description) }
+            loaded.append(policy)
+        }
         let metricsAddress = try metrics.map(Self.parseAddress)
-
         let ca: SandboxCA
-        let tls: InterceptionTLS
         let audit: AuditLog
         do {
             ca = try SandboxCA.loadOrCreate(stateDirectory: state.resolved)
-            tls = try InterceptionTLS(ca: ca, upstreamCAFiles: loaded.network.upstreamCA)
             audit = try auditLog.map { path throws(ProxyError) in try AuditLog(path: path) } ?? AuditLog()
         } catch {
             Output.err("keyhole proxy: \(error)")
             throw ExitCode(1)
         }
-        let dns = DNSObservations()
-        for pin in pins {
-            let (name, ip) = Self.parsePin(pin)!
-            dns.record(name: name, address: ip, ttl: UInt32(Int32.max))
-        }
         let proxyMetrics = ProxyMetrics()
         let events = AsyncStream<ProxyEvent>.makeStream()
-        let server = ProxyServer(
-            configuration: ProxyConfiguration(
-                listen: listenAddress, upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
-                firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)),
-                headTimeout: .milliseconds(Int64(headTimeout * 1000))),
-            policy: loaded, tls: tls, dns: dns, audit: audit, metrics: proxyMetrics,
-            onTerminate: { reason in events.continuation.yield(.terminate(reason)) })
-        let bound: SocketAddress
+        let served: Served
         do {
-            bound = try await server.start()
+            if let listen {
+                served = try await .listener(startListener(listen, policy: loaded[0], ca: ca, audit: audit, metrics: proxyMetrics, events: events.continuation))
+            } else {
+                served = try await .interfaces(startInterfaces(loaded, ca: ca, audit: audit, metrics: proxyMetrics, events: events.continuation))
+            }
+        } catch let error as ExitCode {
+            throw error
         } catch {
             Output.err("keyhole proxy: \(error)")
             throw ExitCode(1)
-        }
-        // Appliance mode: the interface, forwarding, the DNS answer queue, then the rules.
-        var appliance: Appliance?
-        var queue: PacketQueue?
-        var forwarding: [String: String] = [:]
-        if let interface {
-            let rules = ApplianceRules(
-                interface: interface, proxyPort: UInt16(bound.port ?? Int(proxyPort)), queueNumber: queueNum,
-                egress: loaded.network.egress, resolvers: loaded.network.dns)
-            let observer = DNSAnswerObserver(
-                dns: dns, policy: DNSAnswerPolicy(egress: loaded.network.egress), audit: audit, metrics: proxyMetrics, sandbox: loaded.name)
-            do {
-                try Appliance.configure(interface: interface, address: loaded.network.gateway)
-                forwarding = Appliance.enableForwarding()
-                let packetQueue = PacketQueue(number: queueNum, decide: observer.decide)
-                try packetQueue.start()
-                queue = packetQueue
-                let installed = Appliance(rules: rules)
-                try installed.install()
-                appliance = installed
-            } catch {
-                Output.err("keyhole proxy: \(error)")
-                queue?.stop()
-                Appliance.restore(forwarding)
-                await server.stop()
-                throw ExitCode(1)
-            }
-            Output.err("keyhole proxy: guarding \(interface) (nft table inet \(rules.tableName), DNS answers on NFQUEUE \(queueNum))")
         }
         var metricsServer: MetricsServer?
         if let metricsAddress {
@@ -172,13 +154,17 @@ struct ProxyCommand: AsyncParsableCommand {
                 metricsServer = serverForMetrics
             } catch {
                 Output.err("keyhole proxy: \(error)")
-                await server.stop()
+                await served.stop()
                 throw ExitCode(1)
             }
         }
-        Output.err("keyhole proxy: listening on \(bound.ipAddress ?? "?"):\(bound.port ?? 0) for sandbox \(loaded.name)")
         Output.err("keyhole proxy: guests must trust \(ca.certificatePath)")
-        for secret in loaded.secrets { Output.out("\(secret.env)=\(secret.placeholder)") }
+        var printed: Set<String> = []
+        for policy in loaded {
+            for secret in policy.secrets where printed.insert("\(secret.env)=\(secret.placeholder)").inserted {
+                Output.out("\(secret.env)=\(secret.placeholder)")
+            }
+        }
 
         let signals = SignalWatcher(signals: [SIGINT, SIGTERM, SIGHUP]) { signal in
             events.continuation.yield(signal == SIGHUP ? .reload : .stop)
@@ -189,34 +175,118 @@ struct ProxyCommand: AsyncParsableCommand {
             case .stop:
                 break loop
             case .reload:
-                do {
-                    let fresh = try PolicyLoader().load(file: policy)
-                    server.reload(policy: fresh)
-                    Output.err("keyhole proxy: reloaded \(policy) for new connections")
-                } catch {
-                    Output.err("keyhole proxy: kept the running policy; \(policy) is invalid:")
-                    for diagnostic in error.diagnostics { Output.err(diagnostic.description) }
-                }
-            case .terminate(let reason):
-                Output.err("keyhole proxy: block-and-terminate: \(reason); stopping")
+                served.reload(policies)
+            case .terminate(let reason, let interface):
                 exitCode = 4
-                break loop
+                guard case .interfaces(let guards) = served, guards.count > 1, let interface,
+                    let cut = guards.first(where: { $0.interface == interface })
+                else {
+                    Output.err("keyhole proxy: block-and-terminate: \(reason); stopping")
+                    break loop
+                }
+                // Several guests: cut this one off, keep serving the others.
+                Output.err("keyhole proxy: block-and-terminate: \(reason); \(interface) is cut off until keyhole proxy stops")
+                await cut.quarantine()
             }
         }
         signals.cancel()
-        appliance?.remove()
-        queue?.stop()
-        if interface != nil { Appliance.restore(forwarding) }
-        await server.stop()
+        await served.stop()
         await metricsServer?.stop()
         if exitCode != 0 { throw ExitCode(exitCode) }
+    }
+
+    /// `--listen`: the proxy alone, for the operator's own REDIRECT rules.
+    private func startListener(
+        _ listen: String, policy: Policy, ca: SandboxCA, audit: AuditLog, metrics: ProxyMetrics,
+        events: AsyncStream<ProxyEvent>.Continuation
+    ) async throws -> ProxyServer {
+        let dns = DNSObservations()
+        for pin in pins {
+            let (name, ip) = Self.parsePin(pin)!
+            dns.record(name: name, address: ip, ttl: UInt32(Int32.max))
+        }
+        let server = ProxyServer(
+            configuration: ProxyConfiguration(
+                listen: try Self.parseAddress(listen), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
+                firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)),
+                headTimeout: .milliseconds(Int64(headTimeout * 1000))),
+            policy: policy, tls: try InterceptionTLS(ca: ca, upstreamCAFiles: policy.network.upstreamCA), dns: dns, audit: audit,
+            metrics: metrics, onTerminate: { reason in events.yield(.terminate(reason, interface: nil)) })
+        let bound = try await server.start()
+        Output.err("keyhole proxy: listening on \(bound.ipAddress ?? "?"):\(bound.port ?? 0) for sandbox \(policy.name)")
+        return server
+    }
+
+    /// `--interface` (one or more): forwarding on, then one guarded interface each.
+    private func startInterfaces(
+        _ loaded: [Policy], ca: SandboxCA, audit: AuditLog, metrics: ProxyMetrics, events: AsyncStream<ProxyEvent>.Continuation
+    ) async throws -> [GuardedInterface] {
+        let forwarding = Appliance.enableForwarding()
+        var guards: [GuardedInterface] = []
+        for (index, interface) in interfaces.enumerated() {
+            let settings = GuardSettings(
+                proxyPort: proxyPort + UInt16(index), queueNumber: queueNum + UInt16(index), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
+                firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)), headTimeout: .milliseconds(Int64(headTimeout * 1000)))
+            do {
+                let guarded = try await GuardedInterface.start(
+                    interface: interface, policy: loaded[index], ca: ca, settings: settings, audit: audit, metrics: metrics,
+                    onTerminate: { reason in events.yield(.terminate(reason, interface: interface)) })
+                guards.append(guarded)
+            } catch {
+                for started in guards { await started.stop() }
+                Appliance.restore(forwarding)
+                throw error
+            }
+            let guarded = guards[index]
+            Output.err(
+                "keyhole proxy: guarding \(interface) for sandbox \(guarded.policyName) (nft table inet \(guarded.rules.tableName), "
+                    + "proxy port \(guarded.listening.port ?? 0), DNS answers on NFQUEUE \(guarded.rules.queueNumber))")
+        }
+        ProxyCommand.forwarding.withLock { $0 = forwarding }
+        return guards
+    }
+
+    static let forwarding = Mutex<[String: String]>([:])
+}
+
+/// What `keyhole proxy` is running: one listener, or guarded interfaces.
+enum Served {
+    case listener(ProxyServer)
+    case interfaces([GuardedInterface])
+
+    /// SIGHUP: each policy file is reloaded; an invalid one is refused and keeps running.
+    func reload(_ paths: [String]) {
+        let targets: [(String, (Policy) -> Void)]
+        switch self {
+        case .listener(let server): targets = [(paths[0], server.reload(policy:))]
+        case .interfaces(let guards): targets = zip(paths, guards).map { ($0, $1.reload(policy:)) }
+        }
+        for (path, apply) in targets {
+            do {
+                apply(try PolicyLoader().load(file: path))
+                Output.err("keyhole proxy: reloaded \(path) for new connections")
+            } catch {
+                Output.err("keyhole proxy: kept the running policy; \(path) is invalid:")
+                for diagnostic in error.diagnostics { Output.err(diagnostic.description) }
+            }
+        }
+    }
+
+    func stop() async {
+        switch self {
+        case .listener(let server):
+            await server.stop()
+        case .interfaces(let guards):
+            for guarded in guards { await guarded.stop() }
+            Appliance.restore(ProxyCommand.forwarding.withLock { $0 })
+        }
     }
 }
 
 enum ProxyEvent: Sendable {
     case stop
     case reload
-    case terminate(String)
+    case terminate(String, interface: String?)
 }
 
 /// Delivers POSIX signals on a dispatch queue instead of async-signal context.
@@ -237,50 +307,5 @@ final class SignalWatcher {
 
     func cancel() {
         for source in sources { source.cancel() }
-    }
-}
-
-/// Records the guest's DNS answers as pins before the guest sees them; drops answers that
-/// rebind a name to an internal address the policy does not open.
-final class DNSAnswerObserver: Sendable {
-    let dns: DNSObservations
-    let policy: DNSAnswerPolicy
-    let audit: AuditLog
-    let metrics: ProxyMetrics
-    let sandbox: String
-
-    init(dns: DNSObservations, policy: DNSAnswerPolicy, audit: AuditLog, metrics: ProxyMetrics, sandbox: String) {
-        self.dns = dns
-        self.policy = policy
-        self.audit = audit
-        self.metrics = metrics
-        self.sandbox = sandbox
-    }
-
-    var decide: @Sendable ([UInt8]) -> Bool {
-        { [self] packet in self.verdict(packet) }
-    }
-
-    func verdict(_ packet: [UInt8]) -> Bool {
-        // Whatever we cannot read passes untouched (it pins nothing).
-        guard let payload = try? DNSPacket.dnsPayload(packet),
-            let resolution = try? DNSMessage.parseResponse(Array(payload.dns))
-        else {
-            metrics.dnsAnswer(.unparsed)
-            return true
-        }
-        if let bad = resolution.addresses.first(where: { policy.isRebinding($0.address) }) {
-            audit.write(
-                AuditRecord(
-                    level: .warn, event: "dns-rebinding-dropped", sandbox: sandbox, connection: 0, reason: "internal-address",
-                    host: resolution.queriedName, destination: bad.address.description))
-            metrics.dnsAnswer(.droppedRebinding)
-            return false
-        }
-        if !resolution.addresses.isEmpty { metrics.dnsAnswer(.pinned) }
-        for answer in resolution.addresses {
-            dns.record(name: resolution.queriedName, address: answer.address, ttl: answer.ttl)
-        }
-        return true
     }
 }

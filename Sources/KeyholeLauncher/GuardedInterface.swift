@@ -1,0 +1,154 @@
+import Foundation
+public import KeyholeNetfilter
+public import KeyholePolicy
+public import KeyholeProxy
+public import KeyholeTLS
+public import NIOCore
+
+/// Settings of one guarded interface that do not come from its policy.
+public struct GuardSettings: Sendable {
+    public var proxyPort: UInt16
+    public var queueNumber: UInt16
+    public var upstreamMark: UInt32?
+    public var firstFlightTimeout: TimeAmount
+    public var headTimeout: TimeAmount
+
+    public init(
+        proxyPort: UInt16 = 15001, queueNumber: UInt16 = 4242, upstreamMark: UInt32? = 0x4B48,
+        firstFlightTimeout: TimeAmount = .seconds(5), headTimeout: TimeAmount = .seconds(30)
+    ) {
+        self.proxyPort = proxyPort
+        self.queueNumber = queueNumber
+        self.upstreamMark = upstreamMark
+        self.firstFlightTimeout = firstFlightTimeout
+        self.headTimeout = headTimeout
+    }
+}
+
+/// The appliance on one guest-facing interface (BRIEF §1): its own proxy listener and
+/// DNS observations, the DNS answer queue, and Keyhole's netfilter table for the interface.
+/// `keyhole proxy --interface` runs one per interface; `keyhole run` runs one on its TAP.
+public final class GuardedInterface: Sendable {
+    public let interface: String
+    public let policyName: String
+    public let rules: ApplianceRules
+    public let listening: SocketAddress
+    let server: ProxyServer
+    let queue: PacketQueue
+    let appliance: Appliance
+
+    private init(interface: String, policyName: String, rules: ApplianceRules, listening: SocketAddress, server: ProxyServer, queue: PacketQueue, appliance: Appliance) {
+        self.interface = interface
+        self.policyName = policyName
+        self.rules = rules
+        self.listening = listening
+        self.server = server
+        self.queue = queue
+        self.appliance = appliance
+    }
+
+    /// Starts the proxy, then the queue, then installs the rules: the guest's first SYN
+    /// finds a listener, and its first DNS answer a reader. Everything started is undone
+    /// when a later step fails. `onTerminate` fires for block-and-terminate.
+    public static func start(
+        interface: String, policy: Policy, ca: SandboxCA, settings: GuardSettings, audit: AuditLog, metrics: ProxyMetrics,
+        onTerminate: @escaping @Sendable (String) -> Void
+    ) async throws -> GuardedInterface {
+        let tls = try InterceptionTLS(ca: ca, upstreamCAFiles: policy.network.upstreamCA)
+        let dns = DNSObservations()
+        let server = ProxyServer(
+            configuration: ProxyConfiguration(
+                listen: try SocketAddress(ipAddress: "0.0.0.0", port: Int(settings.proxyPort)), upstreamMark: settings.upstreamMark,
+                firstFlightTimeout: settings.firstFlightTimeout, headTimeout: settings.headTimeout),
+            policy: policy, tls: tls, dns: dns, audit: audit, metrics: metrics, onTerminate: onTerminate)
+        let bound = try await server.start()
+        let rules = ApplianceRules(
+            interface: interface, proxyPort: UInt16(bound.port ?? Int(settings.proxyPort)), queueNumber: settings.queueNumber,
+            egress: policy.network.egress, resolvers: policy.network.dns)
+        let observer = DNSAnswerObserver(
+            dns: dns, policy: DNSAnswerPolicy(egress: policy.network.egress), audit: audit, metrics: metrics, sandbox: policy.name)
+        let queue = PacketQueue(number: settings.queueNumber, decide: observer.decide)
+        do {
+            try Appliance.configure(interface: interface, address: policy.network.gateway)
+            try queue.start()
+        } catch {
+            queue.stop()
+            await server.stop()
+            throw error
+        }
+        let appliance = Appliance(rules: rules)
+        do {
+            try appliance.install()
+        } catch {
+            queue.stop()
+            await server.stop()
+            throw error
+        }
+        return GuardedInterface(
+            interface: interface, policyName: policy.name, rules: rules, listening: bound, server: server, queue: queue, appliance: appliance)
+    }
+
+    /// New connections use `policy`; existing ones keep theirs.
+    public func reload(policy: Policy) { server.reload(policy: policy) }
+
+    /// Removes the rules, then stops the queue and the proxy.
+    public func stop() async {
+        appliance.remove()
+        queue.stop()
+        await server.stop()
+    }
+
+    /// Cuts the guest off (block-and-terminate on a guest Keyhole did not launch): the
+    /// table is replaced by one that drops everything from the interface, the queue and
+    /// proxy stop. `stop()` later removes the quarantine too.
+    public func quarantine() async {
+        appliance.quarantine()
+        queue.stop()
+        await server.stop()
+    }
+}
+
+/// Records the guest's DNS answers as pins before the guest sees them; drops answers that
+/// rebind a name to an internal address the policy does not open.
+final class DNSAnswerObserver: Sendable {
+    let dns: DNSObservations
+    let policy: DNSAnswerPolicy
+    let audit: AuditLog
+    let metrics: ProxyMetrics
+    let sandbox: String
+
+    init(dns: DNSObservations, policy: DNSAnswerPolicy, audit: AuditLog, metrics: ProxyMetrics, sandbox: String) {
+        self.dns = dns
+        self.policy = policy
+        self.audit = audit
+        self.metrics = metrics
+        self.sandbox = sandbox
+    }
+
+    var decide: @Sendable ([UInt8]) -> Bool {
+        { [self] packet in self.verdict(packet) }
+    }
+
+    func verdict(_ packet: [UInt8]) -> Bool {
+        // Whatever we cannot read passes untouched (it pins nothing).
+        guard let payload = try? DNSPacket.dnsPayload(packet),
+            let resolution = try? DNSMessage.parseResponse(Array(payload.dns))
+        else {
+            metrics.dnsAnswer(.unparsed)
+            return true
+        }
+        if let bad = resolution.addresses.first(where: { policy.isRebinding($0.address) }) {
+            audit.write(
+                AuditRecord(
+                    level: .warn, event: "dns-rebinding-dropped", sandbox: sandbox, connection: 0, reason: "internal-address",
+                    host: resolution.queriedName, destination: bad.address.description))
+            metrics.dnsAnswer(.droppedRebinding)
+            return false
+        }
+        if !resolution.addresses.isEmpty { metrics.dnsAnswer(.pinned) }
+        for answer in resolution.addresses {
+            dns.record(name: resolution.queriedName, address: answer.address, ttl: answer.ttl)
+        }
+        return true
+    }
+}

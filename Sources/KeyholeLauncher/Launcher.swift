@@ -1,0 +1,238 @@
+import Foundation
+import KeyholeNetfilter
+public import KeyholePolicy
+public import KeyholeProxy
+import KeyholeTLS
+
+/// `keyhole run`: one policy file becomes a running guest whose only way out is Keyhole
+/// (BRIEF §2, §3). The TAP, the appliance on it, the guest's initrd layer and QEMU are
+/// created in that order and undone in the reverse order on every exit path.
+public final class Launcher: Sendable {
+    public enum Outcome: Sendable, Equatable {
+        /// The guest command's exit status (0 for a console session that ended).
+        case exited(Int32)
+        /// block-and-terminate fired; the reason names the secret and the host.
+        case terminated(String)
+        /// SIGINT or SIGTERM.
+        case interrupted(Int32)
+    }
+
+    enum Event: Sendable {
+        case qemuExited(Int32)
+        case terminate(String)
+        case stop(Int32)
+    }
+
+    public let policy: Policy
+    public let stateDirectory: String
+    public let command: [String]?
+    let audit: AuditLog
+    let metrics: ProxyMetrics
+    let progress: @Sendable (String) -> Void
+    private let events = AsyncStream<Event>.makeStream()
+
+    public init(
+        policy: Policy, stateDirectory: String, command: [String]?, audit: AuditLog, metrics: ProxyMetrics = ProxyMetrics(),
+        progress: @escaping @Sendable (String) -> Void
+    ) {
+        self.policy = policy
+        self.stateDirectory = stateDirectory
+        self.command = command
+        self.audit = audit
+        self.metrics = metrics
+        self.progress = progress
+    }
+
+    /// Asks a running launch to stop (from a signal handler's queue).
+    public func stop(signal: Int32) { events.continuation.yield(.stop(signal)) }
+
+    public func run() async throws -> Outcome {
+        let guest = policy.guest ?? GuestSpec()
+        let runDirectory = stateDirectory + "/run/" + TapName.forSandbox(policy.name)
+        do {
+            try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
+        } catch {
+            throw LauncherError.busy("cannot create \(runDirectory): \(error.localizedDescription)")
+        }
+        let lock = try RunLock(path: runDirectory + "/lock", sandbox: policy.name)
+        defer { lock.release() }
+
+        let ca = try SandboxCA.loadOrCreate(stateDirectory: stateDirectory)
+        let kernel: String
+        let baseInitrd: String?
+        let withInit: Bool
+        switch guest.image {
+        case .builtin:
+            let image = BuiltinImage(stateDirectory: stateDirectory)
+            if !image.isReady { progress("building the builtin guest image (first use; cached afterwards)") }
+            try image.ensure(progress: progress)
+            (kernel, baseInitrd, withInit) = (image.kernelPath, image.initrdPath, true)
+        case .kernel(let path, let initrd, let disk):
+            if disk != nil { throw LauncherError.image("guest.disk is not supported by this build yet; use image: builtin or kernel + initrd") }
+            (kernel, baseInitrd, withInit) = (path, initrd, false)
+        }
+        var (accelerator, warning) = try QEMU.choose(guest.accel)
+        if let warning { progress(warning) }
+
+        let gateway = try GuestAddressing.gateway(for: policy)
+        let address = try GuestAddressing.guest(for: gateway)
+        let resolver = try GuestAddressing.resolver(for: policy)
+        var guarded = policy
+        guarded.network.gateway = gateway
+
+        // The guest's initrd: the base image (or the user's initrd) plus this run's layer.
+        let layer = GuestLayer(
+            policy: policy, network: .init(address: address, gateway: gateway.address, resolver: resolver),
+            caCertificatePEM: try String(contentsOfFile: ca.certificatePath, encoding: .utf8), command: command ?? guest.command)
+        let initrd = runDirectory + "/initrd"
+        do {
+            var bytes = try baseInitrd.map { try Data(contentsOf: URL(fileURLWithPath: $0)) } ?? Data()
+            while bytes.count % 4 != 0 { bytes.append(0) }
+            bytes.append(contentsOf: layer.archive(withInit: withInit))
+            try bytes.write(to: URL(fileURLWithPath: initrd))
+        } catch {
+            throw LauncherError.image("cannot write the guest's initrd \(initrd): \(error.localizedDescription)")
+        }
+        defer { try? FileManager.default.removeItem(atPath: initrd) }
+
+        let tap = try TapDevice.create(TapName.forSandbox(policy.name))
+        defer { tap.remove() }
+        let forwarding = Appliance.enableForwarding()
+        defer { Appliance.restore(forwarding) }
+        let continuation = events.continuation
+        let appliance = try await GuardedInterface.start(
+            interface: tap.name, policy: guarded, ca: ca, settings: GuardSettings(proxyPort: 0, queueNumber: Self.queueNumber(for: tap.name)),
+            audit: audit, metrics: metrics, onTerminate: { reason in continuation.yield(.terminate(reason)) })
+        progress("sandbox \(policy.name): TAP \(tap.name), guest \(address.address), gateway \(gateway.address), DNS \(resolver), \(accelerator.rawValue)")
+
+        let consoleLog = (command ?? guest.command) == nil ? nil : runDirectory + "/console.log"
+        var cmdline = "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable" + (withInit ? " rdinit=/init" : "")
+        if let extra = guest.cmdline { cmdline += " " + extra }
+        var outcome: Outcome
+        var attempt = 0
+        while true {
+            attempt += 1
+            if let consoleLog { try? Data().write(to: URL(fileURLWithPath: consoleLog)) }
+            let boot = QEMU.Boot(
+                accelerator: accelerator, kernel: kernel, initrd: initrd, cmdline: cmdline, memoryMiB: guest.memoryMiB, vcpus: guest.vcpus,
+                tap: tap.name, mac: QEMU.mac(for: policy.name), consoleLog: consoleLog)
+            let started = Date()
+            let qemu = try startQEMU(boot)
+            outcome = await supervise(qemu, consoleLog: consoleLog)
+            // auto picked KVM, and it fell over at once: boot again with TCG.
+            if case .exited(let status) = outcome, status >= 128 || status < 0, accelerator == .kvm, guest.accel == .auto,
+                attempt == 1, Date().timeIntervalSince(started) < 5, !Self.consoleHasOutput(consoleLog)
+            {
+                progress("KVM could not boot the guest; booting with TCG (software emulation, slower)")
+                accelerator = .tcg
+                continue
+            }
+            break
+        }
+        await appliance.stop()
+        return outcome
+    }
+
+    /// Waits for QEMU to end, or ends it on block-and-terminate or a signal.
+    private func supervise(_ qemu: Process, consoleLog: String?) async -> Outcome {
+        for await event in events.stream {
+            switch event {
+            case .qemuExited(let status):
+                if let consoleLog {
+                    guard let exit = Self.exitStatus(inConsole: consoleLog) else {
+                        progress("the guest stopped without reporting its command's status (QEMU exit \(status)); console: \(consoleLog)")
+                        for line in Self.consoleTail(consoleLog) { progress("  | " + line) }
+                        return .exited(status == 0 ? 1 : (status > 0 && status < 128 ? status : 1))
+                    }
+                    return .exited(exit)
+                }
+                return .exited(0)
+            case .terminate(let reason):
+                Self.end(qemu)
+                return .terminated(reason)
+            case .stop(let signal):
+                Self.end(qemu)
+                return .interrupted(signal)
+            }
+        }
+        return .exited(1)
+    }
+
+    private func startQEMU(_ boot: QEMU.Boot) throws -> Process {
+        guard FileManager.default.isExecutableFile(atPath: QEMU.binary) else {
+            throw LauncherError.qemu("\(QEMU.binary) not found; install Debian's qemu-system-x86 package")
+        }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: QEMU.binary)
+        process.arguments = QEMU.arguments(boot)
+        process.standardOutput = FileHandle.standardOutput
+        process.standardError = FileHandle.standardError
+        process.standardInput = boot.consoleLog == nil ? FileHandle.standardInput : FileHandle.nullDevice
+        let continuation = events.continuation
+        process.terminationHandler = { process in
+            let status = process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
+            continuation.yield(.qemuExited(status))
+        }
+        do {
+            try process.run()
+        } catch {
+            throw LauncherError.qemu("cannot start \(QEMU.binary): \(error.localizedDescription)")
+        }
+        return process
+    }
+
+    /// SIGTERM, then SIGKILL if QEMU has not gone after two seconds.
+    static func end(_ qemu: Process) {
+        guard qemu.isRunning else { return }
+        qemu.terminate()
+        let deadline = Date().addingTimeInterval(2)
+        while qemu.isRunning && Date() < deadline { usleep(20_000) }
+        if qemu.isRunning { kill(qemu.processIdentifier, SIGKILL) }
+        qemu.waitUntilExit()
+    }
+
+    static func exitStatus(inConsole path: String) -> Int32? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        for line in text.split(whereSeparator: \.isNewline).reversed() {
+            if let range = line.range(of: GuestLayer.exitMarker), let status = Int32(line[range.upperBound...].trimmingCharacters(in: .whitespaces)) {
+                return status
+            }
+        }
+        return nil
+    }
+
+    static func consoleHasOutput(_ path: String?) -> Bool {
+        guard let path, let attributes = try? FileManager.default.attributesOfItem(atPath: path) else { return false }
+        return ((attributes[.size] as? Int) ?? 0) > 0
+    }
+
+    static func consoleTail(_ path: String) -> [String] {
+        let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+        return text.split(whereSeparator: \.isNewline).suffix(8).map(String.init)
+    }
+
+    /// A queue number per TAP, so that several sandboxes can run side by side.
+    static func queueNumber(for tap: String) -> UInt16 {
+        UInt16(20000 + (Int(TapName.hash4(tap), radix: 16)! % 10000))
+    }
+}
+
+/// One run per sandbox name at a time: the TAP, rules and run directory are named after it.
+final class RunLock: Sendable {
+    let descriptor: Int32
+
+    init(path: String, sandbox: String) throws {
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw LauncherError.busy("cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            throw LauncherError.busy("sandbox \(sandbox) is already running (lock \(path)); stop it first or give this policy another name")
+        }
+        descriptor = fd
+    }
+
+    func release() {
+        flock(descriptor, LOCK_UN)
+        close(descriptor)
+    }
+}

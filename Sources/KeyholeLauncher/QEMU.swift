@@ -1,0 +1,102 @@
+import Foundation
+public import KeyholePolicy
+
+/// How the guest is booted: the accelerator probe and QEMU's command line.
+public enum QEMU {
+    public static let binary = "/usr/bin/qemu-system-x86_64"
+
+    public enum Accelerator: String, Sendable {
+        case kvm, tcg
+    }
+
+    /// Whether KVM really works: `/dev/kvm` may exist on hosts where ordinary guests cannot
+    /// run (here, only PVM guests boot and QEMU aborts setting up the vCPU). QEMU is started
+    /// paused on a KVM microvm; if it is still alive after a moment, the vCPU was created.
+    public static func probeKVM() -> String? {
+        guard FileManager.default.fileExists(atPath: "/dev/kvm") else { return "/dev/kvm does not exist" }
+        guard access("/dev/kvm", R_OK | W_OK) == 0 else { return "/dev/kvm is not accessible to this user" }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = [
+            "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "64", "-nodefaults", "-no-user-config", "-display", "none", "-S",
+        ]
+        let errors = Pipe()
+        process.standardError = errors
+        process.standardOutput = FileHandle.nullDevice
+        process.standardInput = FileHandle.nullDevice
+        do { try process.run() } catch { return "cannot start \(binary): \(error.localizedDescription)" }
+        let deadline = Date().addingTimeInterval(1.5)
+        while process.isRunning && Date() < deadline { usleep(20_000) }
+        if process.isRunning {
+            process.terminate()
+            process.waitUntilExit()
+            return nil
+        }
+        let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let first = text.split(separator: "\n").first.map(String.init) ?? "QEMU exited with status \(process.terminationStatus)"
+        return first.replacingOccurrences(of: "qemu-system-x86_64: ", with: "")
+    }
+
+    /// The accelerator for `accel`; for `auto` without KVM, `warning` says why TCG is used.
+    public static func choose(_ accel: GuestSpec.Accel) throws(LauncherError) -> (Accelerator, warning: String?) {
+        switch accel {
+        case .tcg:
+            return (.tcg, nil)
+        case .kvm:
+            if let problem = probeKVM() {
+                throw .accelerator("guest.accel is kvm but KVM does not work on this host: \(problem); use accel: auto or tcg")
+            }
+            return (.kvm, nil)
+        case .auto:
+            if let problem = probeKVM() { return (.tcg, "KVM is not usable here (\(problem)); booting with TCG (software emulation, slower)") }
+            return (.kvm, nil)
+        }
+    }
+
+    public struct Boot: Sendable {
+        public var accelerator: Accelerator
+        public var kernel: String
+        public var initrd: String
+        public var cmdline: String
+        public var memoryMiB: Int
+        public var vcpus: Int
+        public var tap: String
+        public var mac: String
+        /// With a command: the console goes to this file, the command's stdout and stderr to
+        /// two virtio consoles on Keyhole's stdout and stderr. Without: the console is on stdio.
+        public var consoleLog: String?
+    }
+
+    public static func arguments(_ boot: Boot) -> [String] {
+        var arguments = [
+            "-M", "microvm,pit=on,pic=on,rtc=on", "-accel", boot.accelerator.rawValue, "-cpu", boot.accelerator == .kvm ? "host" : "max",
+            "-m", String(boot.memoryMiB), "-smp", String(boot.vcpus), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", boot.kernel, "-initrd", boot.initrd, "-append", boot.cmdline,
+            "-netdev", "tap,id=net0,ifname=\(boot.tap),script=no,downscript=no", "-device", "virtio-net-device,netdev=net0,mac=\(boot.mac)",
+            "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0",
+        ]
+        if let log = boot.consoleLog {
+            arguments += [
+                "-serial", "file:" + log, "-device", "virtio-serial-device",
+                "-chardev", "stdio,id=out0,signal=off", "-device", "virtconsole,chardev=out0",
+                "-chardev", "file,id=err0,path=/proc/self/fd/2,append=on", "-device", "virtconsole,chardev=err0",
+            ]
+        } else {
+            arguments += ["-serial", "mon:stdio"]
+        }
+        return arguments
+    }
+
+    /// A locally administered MAC derived from the sandbox name.
+    public static func mac(for name: String) -> String {
+        let hash = TapName.hash4(name + "/mac") + TapName.hash4(name + "/mac2")
+        var bytes = ["52", "4b"]
+        var index = hash.startIndex
+        for _ in 0..<4 {
+            let next = hash.index(index, offsetBy: 2)
+            bytes.append(String(hash[index..<next]))
+            index = next
+        }
+        return bytes.joined(separator: ":")
+    }
+}
