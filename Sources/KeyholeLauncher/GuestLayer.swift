@@ -24,6 +24,8 @@ public struct GuestLayer: Sendable {
     ]
     /// The line the builtin init writes to the serial console when the command ends.
     public static let exitMarker = "KEYHOLE-EXIT "
+    /// The line the builtin init writes to the serial console as soon as it runs.
+    public static let bootMarker = "KEYHOLE-BOOTED"
 
     public var environment: [(String, String)]
     public var network: Network
@@ -84,6 +86,7 @@ public struct GuestLayer: Sendable {
         mount -t devtmpfs dev /dev
         mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
         mount -t tmpfs tmp /tmp
+        echo KEYHOLE-BOOTED >/dev/ttyS0
         for m in $(cat /lib/modules/keyhole/order); do insmod /lib/modules/keyhole/$m.ko 2>/dev/null; done
         . /keyhole/net
         hostname "$KH_HOSTNAME"
@@ -99,7 +102,9 @@ public struct GuestLayer: Sendable {
         if [ -f /keyhole/command ]; then
           i=0
           while [ ! -e /dev/hvc1 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
-          sh /keyhole/command </dev/null >/dev/hvc0 2>/dev/hvc1
+          exec 3>/dev/hvc0 4>/dev/hvc1
+          stty -F /dev/hvc0 raw -echo; stty -F /dev/hvc1 raw -echo
+          sh /keyhole/command </dev/null >&3 2>&4
           echo "KEYHOLE-EXIT $?" >/dev/ttyS0
         else
           echo "keyhole: sandbox $KH_HOSTNAME is up; exit the shell to stop it"

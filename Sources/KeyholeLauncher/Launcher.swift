@@ -19,6 +19,7 @@ public final class Launcher: Sendable {
 
     enum Event: Sendable {
         case qemuExited(Int32)
+        case bootDeadline
         case terminate(String)
         case stop(Int32)
     }
@@ -107,6 +108,11 @@ public final class Launcher: Sendable {
 
         let consoleLog = (command ?? guest.command) == nil ? nil : runDirectory + "/console.log"
         var cmdline = "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable" + (withInit ? " rdinit=/init" : "")
+        if accelerator == .tcg, let khz = QEMU.hostTSCkHz() {
+            // Under TCG the guest's TSC is the host's; calibrating it against the emulated
+            // PIT fails now and then on a busy host, and the kernel then hangs.
+            cmdline += " tsc_early_khz=\(khz)"
+        }
         if let extra = guest.cmdline { cmdline += " " + extra }
         var outcome: Outcome
         var attempt = 0
@@ -118,7 +124,12 @@ public final class Launcher: Sendable {
                 tap: tap.name, mac: QEMU.mac(for: policy.name), consoleLog: consoleLog)
             let started = Date()
             let qemu = try startQEMU(boot)
-            outcome = await supervise(qemu, consoleLog: consoleLog)
+            let deadline = Task { [events] in
+                try await Task.sleep(for: .seconds(Self.bootSeconds))
+                events.continuation.yield(.bootDeadline)
+            }
+            outcome = await supervise(qemu, consoleLog: withInit ? consoleLog : nil)
+            deadline.cancel()
             // auto picked KVM, and it fell over at once: boot again with TCG.
             if case .exited(let status) = outcome, status >= 128 || status < 0, accelerator == .kvm, guest.accel == .auto,
                 attempt == 1, Date().timeIntervalSince(started) < 5, !Self.consoleHasOutput(consoleLog)
@@ -147,6 +158,12 @@ public final class Launcher: Sendable {
                     return .exited(exit)
                 }
                 return .exited(0)
+            case .bootDeadline:
+                guard let consoleLog, !Self.console(consoleLog, contains: GuestLayer.bootMarker) else { continue }
+                Self.end(qemu)
+                progress("the guest did not boot within \(Self.bootSeconds) s; console: \(consoleLog)")
+                for line in Self.consoleTail(consoleLog) { progress("  | " + line) }
+                return .exited(1)
             case .terminate(let reason):
                 Self.end(qemu)
                 return .terminated(reason)
@@ -199,6 +216,14 @@ public final class Launcher: Sendable {
             }
         }
         return nil
+    }
+
+    /// How long the builtin guest may take to reach its init (TCG on a busy host: ~5 s).
+    static let bootSeconds = 60
+
+    static func console(_ path: String, contains marker: String) -> Bool {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return false }
+        return text.contains(marker)
     }
 
     static func consoleHasOutput(_ path: String?) -> Bool {

@@ -87,6 +87,17 @@ public enum QEMU {
         return arguments
     }
 
+    /// The host's CPU clock in kHz (`cpu MHz` of /proc/cpuinfo), for `tsc_early_khz`.
+    public static func hostTSCkHz() -> Int? {
+        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("cpu MHz") {
+            if let value = line.split(separator: ":").last.flatMap({ Double($0.trimmingCharacters(in: .whitespaces)) }), value > 0 {
+                return Int(value * 1000)
+            }
+        }
+        return nil
+    }
+
     /// A locally administered MAC derived from the sandbox name.
     public static func mac(for name: String) -> String {
         let hash = TapName.hash4(name + "/mac") + TapName.hash4(name + "/mac2")

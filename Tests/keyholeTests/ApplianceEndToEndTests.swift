@@ -111,4 +111,56 @@ struct ApplianceEndToEndTests {
         try harness.waitFor(file: harness.proxyStderr, containing: "kept the running policy")
         #expect(try curl(harness, "https://other.example.test/still", "-H 'X: $MSB_TOKEN'").stdout == "ok\n")
     }
+
+    @Test func oneProcessGuardsTwoInterfacesEachWithItsOwnPolicy() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        let apiLog = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        let otherLog = try harness.upstream("203.0.113.11", port: 443, cert: "other.example.test")
+        let second = try harness.addGuest()
+        let secondPolicy = harness.directory + "/policy2.yaml"
+        try """
+            version: 1
+            name: second
+            secrets:
+              - env: OTHER
+                value: "second-real-token-0004"
+                allow_hosts: [other.example.test]
+            network:
+              gateway: 10.0.3.1/30
+              on_secret_violation: block-and-log
+              upstream_ca: [\(harness.directory)/upca.pem]
+            """.write(toFile: secondPolicy, atomically: true, encoding: .utf8)
+        try harness.startProxy(policy: Self.policy, extra: ["--interface", second.interface, "--policy", secondPolicy])
+        try harness.waitFor(file: harness.proxyStderr, containing: "guarding \(second.interface) for sandbox second")
+        let placeholders = try String(contentsOfFile: harness.proxyStdout, encoding: .utf8)
+        #expect(placeholders.contains("TOKEN=$MSB_TOKEN") && placeholders.contains("OTHER=$MSB_OTHER"))
+
+        func secondGuest(_ url: String, _ header: String) throws -> CLI.Result {
+            try harness.run(
+                "timeout 30 ip netns exec \(second.namespace) curl -sS --max-time 8 --cacert \(harness.stateDirectory)/ca.pem -H '\(header)' '\(url)'")
+        }
+        // Each guest gets its own secret at its own allowed host.
+        let first = try curl(harness, "https://api.example.test/first", "-H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(first.stdout == "ok\n", "\(first.stderr)")
+        let ok = try secondGuest("https://other.example.test/second", "Authorization: Bearer $MSB_OTHER")
+        #expect(ok.stdout == "ok\n", "\(ok.stderr)")
+        #expect(harness.header(harness.records(otherLog).last ?? [:], "Authorization") == "Bearer second-real-token-0004")
+        // The second guest's secret may not go to the first guest's host ...
+        let blocked = try secondGuest("https://api.example.test/steal", "Authorization: Bearer $MSB_OTHER")
+        #expect(blocked.status == 56)
+        // ... and the first guest's placeholder means nothing on the second interface.
+        let foreign = try secondGuest("https://other.example.test/foreign", "X: $MSB_TOKEN")
+        #expect(foreign.stdout == "ok\n", "\(foreign.stderr)")
+        #expect(harness.header(harness.records(otherLog).last ?? [:], "X") == "$MSB_TOKEN")
+        let apiPaths = harness.records(apiLog).compactMap { $0["target"] as? String }
+        #expect(apiPaths == ["/first"])
+        #expect(harness.header(harness.records(apiLog).first ?? [:], "Authorization") == "Bearer \(Self.realValue)")
+
+        // SIGTERM removes both tables.
+        try harness.sh("kill -TERM \(try #require(try harness.proxyPID()))")
+        #expect(harness.waitForProxyExit(seconds: 10) == 0)
+        let tables = try harness.appliance("nft list tables").stdout
+        #expect(!tables.contains("keyhole_"), "\(tables)")
+    }
 }

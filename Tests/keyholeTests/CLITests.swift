@@ -227,13 +227,24 @@ struct RewriteCLITests {
     }
 }
 
-@Suite("Commands not available yet")
-struct UnavailableCommandTests {
-    @Test(arguments: [["run", "p.yaml"]])
-    func sayPlainlyTheyAreNotAvailable(_ arguments: [String]) throws {
+@Suite("keyhole run and keyhole proxy: usage errors")
+struct LaunchUsageTests {
+    @Test func runWithABadPolicyPointsAtTheFile() throws {
+        let run = try CLI.run(["run", "/nonexistent.yaml", "--", "true"])
+        #expect(run.status == 2)
+        #expect(run.stderr.contains("/nonexistent.yaml:1:1:"))
+    }
+
+    @Test(arguments: [
+        (["proxy", "--policy", "a.yaml", "--interface", "x0", "--interface", "x1"], "one --policy per --interface"),
+        (["proxy", "--policy", "a.yaml", "--interface", "x0", "--interface", "x0", "--policy", "b.yaml"], "once"),
+        (["proxy", "--policy", "a.yaml", "--listen", "127.0.0.1:1", "--interface", "x0"], "exclude each other"),
+        (["proxy", "--policy", "a.yaml", "--interface", "x0", "--pin", "a.test=203.0.113.1"], "--pin is for --listen"),
+    ])
+    func proxyRejectsInconsistentInterfaces(_ arguments: [String], _ message: String) throws {
         let run = try CLI.run(arguments)
         #expect(run.status == 2)
-        #expect(run.stderr.contains("not available yet"))
+        #expect(run.stderr.contains(message), "\(run.stderr)")
     }
 }
 

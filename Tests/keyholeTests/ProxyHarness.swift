@@ -16,6 +16,9 @@ final class ProxyHarness: @unchecked Sendable {
         /// Three namespaces: guest ─veth─ appliance (keyhole proxy --interface) ─veth─
         /// internet (dnsmasq and the upstreams).
         case appliance
+        /// Two namespaces: appliance (where `keyhole run` creates its TAP and boots the
+        /// guest) ─veth─ internet; the appliance's resolver is the internet's dnsmasq.
+        case launcher
     }
 
     let mode: Mode
@@ -32,6 +35,8 @@ final class ProxyHarness: @unchecked Sendable {
     let auditLog: String
     let stateDirectory: String
     var metricsPort = 0
+    /// Guest namespaces added with `addGuest()`.
+    var extraNamespaces: [String] = []
 
     /// Hosts with certificates from the test upstream CA.
     static let names = ["api.example.test", "other.example.test", "pinned.example.test"]
@@ -51,6 +56,10 @@ final class ProxyHarness: @unchecked Sendable {
             internetNamespace = base
         case .appliance:
             namespace = base + "-g"
+            applianceNamespace = base + "-a"
+            internetNamespace = base + "-i"
+        case .launcher:
+            namespace = base + "-a"
             applianceNamespace = base + "-a"
             internetNamespace = base + "-i"
         }
@@ -84,13 +93,18 @@ final class ProxyHarness: @unchecked Sendable {
                 }
                 EOF
                 """)
-        case .appliance:
+        case .appliance, .launcher:
             let g = namespace, a = applianceNamespace, i = internetNamespace, id = shortID
+            if mode == .appliance {
+                try sh(
+                    """
+                    ip link add \(id)-g0 netns \(g) type veth peer name \(id)-a0 netns \(a)
+                    ip -n \(g) addr add 10.0.2.2/30 dev \(id)-g0 && ip -n \(g) link set \(id)-g0 up && ip -n \(g) route add default via 10.0.2.1
+                    """)
+            }
             try sh(
                 """
-                ip link add \(id)-g0 netns \(g) type veth peer name \(id)-a0 netns \(a)
                 ip link add \(id)-a1 netns \(a) type veth peer name \(id)-i1 netns \(i)
-                ip -n \(g) addr add 10.0.2.2/30 dev \(id)-g0 && ip -n \(g) link set \(id)-g0 up && ip -n \(g) route add default via 10.0.2.1
                 ip -n \(a) addr add 198.51.100.1/24 dev \(id)-a1 && ip -n \(a) link set \(id)-a1 up
                 ip -n \(a) route add 203.0.113.0/24 via 198.51.100.2 && ip -n \(a) route add 192.168.77.0/24 via 198.51.100.2
                 ip -n \(i) addr add 198.51.100.2/24 dev \(id)-i1 && ip -n \(i) link set \(id)-i1 up
@@ -106,6 +120,22 @@ final class ProxyHarness: @unchecked Sendable {
                     + "--pid-file=\(directory)/dnsmasq.pid")
             usleep(300_000)
         }
+    }
+
+    /// Another guest namespace on its own veth to the appliance (10.0.3.2/30, gateway
+    /// 10.0.3.1): returns the namespace and the appliance-side interface.
+    func addGuest() throws -> (namespace: String, interface: String) {
+        let ns = namespace + "2", id = shortID
+        _ = try? sh("ip netns del \(ns)")
+        try sh("ip netns add \(ns) && ip -n \(ns) link set lo up")
+        extraNamespaces.append(ns)
+        try sh(
+            """
+            ip link add \(id)-h0 netns \(ns) type veth peer name \(id)-b0 netns \(applianceNamespace)
+            ip -n \(ns) addr add 10.0.3.2/30 dev \(id)-h0 && ip -n \(ns) link set \(id)-h0 up && ip -n \(ns) route add default via 10.0.3.1
+            mkdir -p /etc/netns/\(ns) && echo "nameserver 198.51.100.53" > /etc/netns/\(ns)/resolv.conf
+            """)
+        return (ns, id + "-b0")
     }
 
     /// The guest-facing interface of the appliance.
@@ -168,15 +198,14 @@ final class ProxyHarness: @unchecked Sendable {
         case .redirect:
             arguments += ["--listen", "127.0.0.1:15001"]
             for pin in pins { arguments += ["--pin", pin] }
-        case .appliance:
+        case .appliance, .launcher:
             arguments += ["--interface", guestInterface]
         }
         try? FileManager.default.removeItem(atPath: proxyStderr)
         let process = try spawn("/usr/sbin/ip", arguments + extra, stdout: proxyStdout, stderr: proxyStderr)
         proxy = process
         processes.append(process)
-        try waitFor(file: proxyStderr, containing: "listening on")
-        if mode == .appliance { try waitFor(file: proxyStderr, containing: "guarding") }
+        try waitFor(file: proxyStderr, containing: mode == .appliance ? "guarding" : "listening on")
     }
 
     func writePolicy(_ policy: String) throws {
@@ -237,12 +266,12 @@ final class ProxyHarness: @unchecked Sendable {
             kill(process.processIdentifier, SIGTERM)
         }
         usleep(300_000)
-        for ns in Set([namespace, applianceNamespace, internetNamespace]) {
+        for ns in Set([namespace, applianceNamespace, internetNamespace] + extraNamespaces) {
             // `ip netns exec` forwards nothing: end whatever still runs in the namespace.
             _ = try? run("ip netns pids \(ns) | xargs -r kill -9")
         }
         for process in processes where process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        for ns in Set([namespace, applianceNamespace, internetNamespace]) {
+        for ns in Set([namespace, applianceNamespace, internetNamespace] + extraNamespaces) {
             _ = try? run("ip netns del \(ns); rm -rf /etc/netns/\(ns)")
         }
         try? FileManager.default.removeItem(atPath: directory)
