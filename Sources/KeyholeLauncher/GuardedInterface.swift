@@ -66,7 +66,7 @@ public final class GuardedInterface: Sendable {
             interface: interface, proxyPort: UInt16(bound.port ?? Int(settings.proxyPort)), queueNumber: settings.queueNumber,
             egress: policy.network.egress, resolvers: policy.network.dns)
         let observer = DNSAnswerObserver(
-            dns: dns, policy: DNSAnswerPolicy(egress: policy.network.egress), audit: audit, metrics: metrics, sandbox: policy.name)
+            dns: dns, policy: DNSAnswerPolicy(egress: policy.network.egress), rules: rules, audit: audit, metrics: metrics, sandbox: policy.name)
         let queue = PacketQueue(number: settings.queueNumber, decide: observer.decide)
         do {
             try Appliance.configure(interface: interface, address: policy.network.gateway)
@@ -113,13 +113,15 @@ public final class GuardedInterface: Sendable {
 final class DNSAnswerObserver: Sendable {
     let dns: DNSObservations
     let policy: DNSAnswerPolicy
+    let rules: ApplianceRules
     let audit: AuditLog
     let metrics: ProxyMetrics
     let sandbox: String
 
-    init(dns: DNSObservations, policy: DNSAnswerPolicy, audit: AuditLog, metrics: ProxyMetrics, sandbox: String) {
+    init(dns: DNSObservations, policy: DNSAnswerPolicy, rules: ApplianceRules, audit: AuditLog, metrics: ProxyMetrics, sandbox: String) {
         self.dns = dns
         self.policy = policy
+        self.rules = rules
         self.audit = audit
         self.metrics = metrics
         self.sandbox = sandbox
@@ -148,6 +150,14 @@ final class DNSAnswerObserver: Sendable {
         if !resolution.addresses.isEmpty { metrics.dnsAnswer(.pinned) }
         for answer in resolution.addresses {
             dns.record(name: resolution.queriedName, address: answer.address, ttl: answer.ttl)
+        }
+        // Egress host rules apply to the addresses this answer gives, before the guest has them.
+        if let allow = rules.egressHostRule(for: resolution.queriedName), !resolution.addresses.isEmpty {
+            let script = rules.egressElementScript(allow: allow, addresses: resolution.addresses.map { ($0.address, $0.ttl) })
+            if (try? HostCommand.run("/usr/sbin/nft", ["-f", "-"], input: script)) == nil, allow == false {
+                // A deny rule we could not install: fail closed, the guest does not get the answer.
+                return false
+            }
         }
         return true
     }

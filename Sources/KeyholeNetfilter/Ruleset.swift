@@ -50,9 +50,13 @@ public struct ApplianceRules: Sendable, Equatable {
         for rule in egress.deny {
             if case .network(let network) = rule { egressRules.append("\(Self.family(network)) daddr \(network) drop") }
         }
+        // Host names: the addresses the guest's DNS answers gave for them (sets filled by
+        // the DNS observer, each element expiring with its answer's TTL).
+        egressRules += ["ip daddr @\(Self.denySet4) drop", "ip6 daddr @\(Self.denySet6) drop"]
         for rule in egress.allow {
             if case .network(let network) = rule { egressRules.append("\(Self.family(network)) daddr \(network) accept") }
         }
+        egressRules += ["ip daddr @\(Self.allowSet4) accept", "ip6 daddr @\(Self.allowSet6) accept"]
         switch egress.default {
         case .public:
             egressRules.append("ip daddr { \(Self.internalV4.joined(separator: ", ")) } drop")
@@ -75,6 +79,10 @@ public struct ApplianceRules: Sendable, Equatable {
             table inet \(tableName)
             delete table inet \(tableName)
             table inet \(tableName) {
+              set \(Self.denySet4) { type ipv4_addr; flags timeout; }
+              set \(Self.denySet6) { type ipv6_addr; flags timeout; }
+              set \(Self.allowSet4) { type ipv4_addr; flags timeout; }
+              set \(Self.allowSet6) { type ipv6_addr; flags timeout; }
               chain prerouting {
                 type nat hook prerouting priority dstnat; policy accept;
                 iifname \(iface) tcp dport 53 return
@@ -98,6 +106,29 @@ public struct ApplianceRules: Sendable, Equatable {
             }
 
             """
+    }
+
+    static let denySet4 = "egress_deny_v4", denySet6 = "egress_deny_v6"
+    static let allowSet4 = "egress_allow_v4", allowSet6 = "egress_allow_v6"
+
+    /// Whether `name` (normalized) is one of the egress host rules: `true` allow, `false`
+    /// deny (deny wins), nil neither.
+    public func egressHostRule(for name: String) -> Bool? {
+        let name = HostName.normalize(name)
+        if egress.deny.contains(.host(name)) { return false }
+        if egress.allow.contains(.host(name)) { return true }
+        return nil
+    }
+
+    /// An nft script adding observed addresses of an egress host to its set until `ttl` ends.
+    public func egressElementScript(allow: Bool, addresses: [(IPAddress, UInt32)], graceSeconds: UInt32 = 30) -> String {
+        var script = ""
+        for (address, ttl) in addresses {
+            let set = allow ? (address.isIPv4 ? Self.allowSet4 : Self.allowSet6) : (address.isIPv4 ? Self.denySet4 : Self.denySet6)
+            let seconds = min(UInt64(ttl) + UInt64(graceSeconds), 86_400)
+            script += "add element inet \(tableName) \(set) { \(address) timeout \(seconds)s }\n"
+        }
+        return script
     }
 
     public var nftRemoveScript: String { "delete table inet \(tableName)\n" }

@@ -33,6 +33,22 @@ struct RulesetTests {
         #expect(script.contains("    drop\n"))
     }
 
+    @Test func egressHostNamesUseSetsFilledFromDNSAnswers() {
+        let rules = ApplianceRules(
+            interface: "t0", proxyPort: 1, queueNumber: 1,
+            egress: EgressPolicy(default: .none, allow: [.host("pkg.example.test")], deny: [.host("bad.example.test")]))
+        let script = rules.nftScript()
+        #expect(script.contains("set egress_allow_v4 { type ipv4_addr; flags timeout; }"))
+        let deny = script.range(of: "ip daddr @egress_deny_v4 drop")!.lowerBound
+        let allow = script.range(of: "ip daddr @egress_allow_v4 accept")!.lowerBound
+        #expect(deny < allow)
+        #expect(rules.egressHostRule(for: "PKG.example.test.") == true)
+        #expect(rules.egressHostRule(for: "bad.example.test") == false)
+        #expect(rules.egressHostRule(for: "other.example.test") == nil)
+        let elements = rules.egressElementScript(allow: true, addresses: [(IPAddress("203.0.113.5")!, 60), (IPAddress("2001:db8::5")!, 10)])
+        #expect(elements == "add element inet keyhole_t0 egress_allow_v4 { 203.0.113.5 timeout 90s }\nadd element inet keyhole_t0 egress_allow_v6 { 2001:db8::5 timeout 40s }\n")
+    }
+
     @Test func interfaceNames() {
         #expect(ApplianceRules.interfaceProblem("tap0") == nil)
         #expect(ApplianceRules.interfaceProblem("a-very-long-interface") != nil)

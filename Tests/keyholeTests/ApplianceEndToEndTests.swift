@@ -163,4 +163,22 @@ struct ApplianceEndToEndTests {
         let tables = try harness.appliance("nft list tables").stdout
         #expect(!tables.contains("keyhole_"), "\(tables)")
     }
+
+    @Test func egressHostRulesFollowTheGuestsDNSAnswers() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        try harness.startProxy(
+            policy: Self.policy.replacingOccurrences(
+                of: "  on_secret_violation: block-and-log",
+                with: "  on_secret_violation: block-and-log\n  egress: { default: none, allow: [api.example.test], deny: [other.example.test] }"))
+        // default none: nothing but DNS until the allowed name has been resolved.
+        #expect(try harness.guest("ping -c 1 -W 2 203.0.113.10").status != 0)
+        #expect(try harness.guest("getent hosts api.example.test").stdout.contains("203.0.113.10"))
+        #expect(try harness.guest("ping -c 1 -W 2 203.0.113.10").status == 0)
+        // A resolved name that is not allowed stays closed; a denied one too.
+        #expect(try harness.guest("getent hosts other.example.test").stdout.contains("203.0.113.11"))
+        #expect(try harness.guest("ping -c 1 -W 2 203.0.113.11").status != 0)
+        let sets = try harness.appliance("nft list set inet keyhole_\(harness.guestInterface.replacingOccurrences(of: "-", with: "_")) egress_deny_v4").stdout
+        #expect(sets.contains("203.0.113.11"), "\(sets)")
+    }
 }
