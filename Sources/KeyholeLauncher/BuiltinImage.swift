@@ -56,7 +56,16 @@ public struct BuiltinImage: Sendable {
         var packages = try resolve()
         packages.append(try kernelImagePackage())
         progress("[2/5] downloading \(packages.count) Debian packages")
-        try step("apt-get download") { _ = try HostCommand.run("/usr/bin/apt-get", ["download", "-q"] + packages, directory: work + "/debs") }
+        try step("apt-get download") {
+            do {
+                _ = try HostCommand.run("/usr/bin/apt-get", ["download", "-q"] + packages, directory: work + "/debs")
+            } catch {
+                // Stale package lists name versions the mirror no longer has: refresh once.
+                progress("      refreshing the package lists (apt-get update) and retrying")
+                _ = try HostCommand.run("/usr/bin/apt-get", ["update", "-q"])
+                _ = try HostCommand.run("/usr/bin/apt-get", ["download", "-q"] + packages, directory: work + "/debs")
+            }
+        }
         let debs = ((try? fm.contentsOfDirectory(atPath: work + "/debs")) ?? []).filter { $0.hasSuffix(".deb") }.sorted()
         progress("[3/5] unpacking \(debs.count) packages")
         for (index, deb) in debs.enumerated() {
