@@ -50,40 +50,102 @@ public struct AuditRecord: Sendable {
         self.detail = detail
     }
 
-    /// One JSON object on one line.
+    /// One JSON object on one line (without the newline).
     public func jsonLine(time: Date = Date()) -> String {
-        var fields: [(String, String?)] = [
-            ("time", AuditRecord.timestamp(time)), ("level", level.rawValue), ("sandbox", sandbox),
-            ("connection", String(connection)), ("event", event), ("secret", secret), ("site", site), ("form", form),
-            ("reason", reason), ("action", action), ("sni", sni), ("host", host), ("destination", destination),
-            ("method", method), ("path", path), ("detail", detail),
-        ]
-        fields = fields.filter { $0.1 != nil }
-        return "{" + fields.map { "\"\($0.0)\":" + ($0.0 == "connection" ? $0.1! : AuditRecord.quote($0.1!)) }.joined(separator: ",") + "}"
+        var out: [UInt8] = []
+        appendJSONLine(to: &out, time: time)
+        return String(decoding: out.dropLast(), as: UTF8.self)
     }
 
-    /// One shared (value-type, Sendable) format instead of a formatter per record.
-    static let timeFormat = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
+    /// Appends the JSON object and a newline to `out`: one buffer, no intermediate strings
+    /// (this runs for every substitution, on the proxy's event loops).
+    func appendJSONLine(to out: inout [UInt8], time: Date) {
+        out.reserveCapacity(out.count + 256)
+        out.append(UInt8(ascii: "{"))
+        Self.appendKey("time", to: &out, first: true)
+        Self.appendTimestamp(time, to: &out)
+        Self.appendField("level", level.rawValue, to: &out)
+        Self.appendField("sandbox", sandbox, to: &out)
+        Self.appendKey("connection", to: &out, first: false)
+        out += String(connection).utf8
+        Self.appendField("event", event, to: &out)
+        let optional: [(String, String?)] = [
+            ("secret", secret), ("site", site), ("form", form), ("reason", reason), ("action", action), ("sni", sni), ("host", host),
+            ("destination", destination), ("method", method), ("path", path), ("detail", detail),
+        ]
+        for (key, value) in optional {
+            if let value { Self.appendField(key, value, to: &out) }
+        }
+        out += "}\n".utf8
+    }
 
-    static func timestamp(_ date: Date) -> String { timeFormat.format(date) }
+    static func appendKey(_ key: String, to out: inout [UInt8], first: Bool) {
+        if !first { out.append(UInt8(ascii: ",")) }
+        out.append(UInt8(ascii: "\""))
+        out += key.utf8
+        out += "\":".utf8
+    }
+
+    static func appendField(_ key: String, _ value: String, to out: inout [UInt8]) {
+        appendKey(key, to: &out, first: false)
+        appendQuoted(value, to: &out)
+    }
+
+    /// RFC 3339 UTC with milliseconds (`2026-11-23T02:44:10.123Z`), from `gmtime_r`.
+    static func appendTimestamp(_ date: Date, to out: inout [UInt8]) {
+        let total = Int64((date.timeIntervalSince1970 * 1000).rounded(.down))
+        var seconds = time_t(total.quotientAndRemainder(dividingBy: 1000).quotient - (total < 0 && total % 1000 != 0 ? 1 : 0))
+        let millis = Int(total - Int64(seconds) * 1000)
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        func two(_ value: Int32) {
+            out.append(UInt8(48 + value / 10))
+            out.append(UInt8(48 + value % 10))
+        }
+        out.append(UInt8(ascii: "\""))
+        out += String(1900 + parts.tm_year).utf8
+        out.append(UInt8(ascii: "-")); two(parts.tm_mon + 1)
+        out.append(UInt8(ascii: "-")); two(parts.tm_mday)
+        out.append(UInt8(ascii: "T")); two(parts.tm_hour)
+        out.append(UInt8(ascii: ":")); two(parts.tm_min)
+        out.append(UInt8(ascii: ":")); two(parts.tm_sec)
+        out.append(UInt8(ascii: "."))
+        out.append(UInt8(48 + millis / 100))
+        out.append(UInt8(48 + (millis / 10) % 10))
+        out.append(UInt8(48 + millis % 10))
+        out += "Z\"".utf8
+    }
+
+    static func timestamp(_ date: Date) -> String {
+        var out: [UInt8] = []
+        appendTimestamp(date, to: &out)
+        return String(decoding: out.dropFirst().dropLast(), as: UTF8.self)
+    }
 
     /// A JSON string literal for `value` (quotes, backslashes and control characters escaped).
     public static func quote(_ value: String) -> String {
-        var out = "\""
-        for scalar in value.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
+        var out: [UInt8] = []
+        appendQuoted(value, to: &out)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func appendQuoted(_ value: String, to out: inout [UInt8]) {
+        out.append(UInt8(ascii: "\""))
+        for byte in value.utf8 {
+            switch byte {
+            case UInt8(ascii: "\""): out += "\\\"".utf8
+            case UInt8(ascii: "\\"): out += "\\\\".utf8
+            case 0..<0x20, 0x7F:
+                let hex = Array("0123456789abcdef".utf8)
+                out += "\\u00".utf8
+                out.append(hex[Int(byte >> 4)])
+                out.append(hex[Int(byte & 0xF)])
             default:
-                if scalar.value < 0x20 || scalar.value == 0x7F {
-                    let hex = String(scalar.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
+                // UTF-8 bytes ≥ 0x80 pass as they are (the string is valid UTF-8).
+                out.append(byte)
             }
         }
-        return out + "\""
+        out.append(UInt8(ascii: "\""))
     }
 }
 
@@ -111,7 +173,8 @@ public final class AuditLog: Sendable {
     }
 
     public func write(_ record: AuditRecord) {
-        let bytes = Array((record.jsonLine() + "\n").utf8)
+        var bytes: [UInt8] = []
+        record.appendJSONLine(to: &bytes, time: Date())
         lock.withLock { _ in
             bytes.withUnsafeBytes { _ = FileBytes.writeAll(fd, $0) }
         }
