@@ -481,6 +481,12 @@ struct RewriterCore {
     private mutating func finishRequest(_ output: inout RewriteOutput) {
         if case .blocked = state { return }
         state = (head.upgrade || head.isConnect) ? .awaitingUpgrade : .head
+        if case .head = state {
+            // Nothing refers to this request any more: let go of its input, so the buffer the
+            // next read lands in (NIOSSL reuses one) is not shared and need not be copied.
+            headBuffer = ByteBuffer()
+            summary = nil
+        }
     }
 
     /// Per secret, why it may not be substituted in this request (nil: it may).

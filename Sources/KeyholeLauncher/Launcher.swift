@@ -128,15 +128,23 @@ public final class Launcher: Sendable {
                 try await Task.sleep(for: .seconds(Self.bootSeconds))
                 events.continuation.yield(.bootDeadline)
             }
-            outcome = await supervise(qemu, consoleLog: withInit ? consoleLog : nil)
+            let result = await supervise(qemu, consoleLog: withInit ? consoleLog : nil)
             deadline.cancel()
-            // auto picked KVM, and it fell over at once: boot again with TCG.
-            if case .exited(let status) = outcome, status >= 128 || status < 0, accelerator == .kvm, guest.accel == .auto,
-                attempt == 1, Date().timeIntervalSince(started) < 5, !Self.consoleHasOutput(consoleLog)
-            {
-                progress("KVM could not boot the guest; booting with TCG (software emulation, slower)")
-                accelerator = .tcg
-                continue
+            switch result {
+            case .outcome(let final):
+                outcome = final
+            case .noStatus(let qemuStatus):
+                // auto picked KVM, and it fell over at once: boot again with TCG.
+                if qemuStatus != 0, accelerator == .kvm, guest.accel == .auto, attempt == 1, Date().timeIntervalSince(started) < 10,
+                    !Self.consoleHasOutput(consoleLog)
+                {
+                    progress("KVM could not boot the guest (QEMU exit \(qemuStatus)); booting with TCG (software emulation, slower)")
+                    accelerator = .tcg
+                    continue
+                }
+                progress("the guest stopped without reporting its command's status (QEMU exit \(qemuStatus)); console: \(consoleLog ?? "-")")
+                if let consoleLog { for line in Self.consoleTail(consoleLog) { progress("  | " + line) } }
+                outcome = .exited(qemuStatus > 0 && qemuStatus < 128 ? qemuStatus : 1)
             }
             break
         }
@@ -144,68 +152,65 @@ public final class Launcher: Sendable {
         return outcome
     }
 
+    enum Supervised {
+        case outcome(Outcome)
+        /// A command was to run, and QEMU ended without its status (QEMU's own status).
+        case noStatus(Int32)
+    }
+
     /// Waits for QEMU to end, or ends it on block-and-terminate or a signal.
-    private func supervise(_ qemu: Process, consoleLog: String?) async -> Outcome {
+    private func supervise(_ qemu: ChildProcess, consoleLog: String?) async -> Supervised {
         for await event in events.stream {
             switch event {
             case .qemuExited(let status):
                 if let consoleLog {
-                    guard let exit = Self.exitStatus(inConsole: consoleLog) else {
-                        progress("the guest stopped without reporting its command's status (QEMU exit \(status)); console: \(consoleLog)")
-                        for line in Self.consoleTail(consoleLog) { progress("  | " + line) }
-                        return .exited(status == 0 ? 1 : (status > 0 && status < 128 ? status : 1))
-                    }
-                    return .exited(exit)
+                    guard let exit = Self.exitStatus(inConsole: consoleLog) else { return .noStatus(status) }
+                    return .outcome(.exited(exit))
                 }
-                return .exited(0)
+                return .outcome(.exited(status == 0 ? 0 : 1))
             case .bootDeadline:
                 guard let consoleLog, !Self.console(consoleLog, contains: GuestLayer.bootMarker) else { continue }
                 Self.end(qemu)
                 progress("the guest did not boot within \(Self.bootSeconds) s; console: \(consoleLog)")
                 for line in Self.consoleTail(consoleLog) { progress("  | " + line) }
-                return .exited(1)
+                return .outcome(.exited(1))
             case .terminate(let reason):
                 Self.end(qemu)
-                return .terminated(reason)
+                return .outcome(.terminated(reason))
             case .stop(let signal):
                 Self.end(qemu)
-                return .interrupted(signal)
+                return .outcome(.interrupted(signal))
             }
         }
-        return .exited(1)
+        return .outcome(.exited(1))
     }
 
-    private func startQEMU(_ boot: QEMU.Boot) throws -> Process {
+    private func startQEMU(_ boot: QEMU.Boot) throws -> ChildProcess {
         guard FileManager.default.isExecutableFile(atPath: QEMU.binary) else {
             throw LauncherError.qemu("\(QEMU.binary) not found; install Debian's qemu-system-x86 package")
         }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: QEMU.binary)
-        process.arguments = QEMU.arguments(boot)
-        process.standardOutput = FileHandle.standardOutput
-        process.standardError = FileHandle.standardError
-        process.standardInput = boot.consoleLog == nil ? FileHandle.standardInput : FileHandle.nullDevice
-        let continuation = events.continuation
-        process.terminationHandler = { process in
-            let status = process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
-            continuation.yield(.qemuExited(status))
-        }
+        // A command's guest reads nothing; a console session gets the terminal.
+        let stdin = boot.consoleLog == nil ? 0 : open("/dev/null", O_RDONLY | O_CLOEXEC)
+        defer { if stdin != 0 { close(stdin) } }
+        let child: ChildProcess
         do {
-            try process.run()
+            child = try ChildProcess(QEMU.binary, QEMU.arguments(boot), stdin: stdin, stdout: 1, stderr: 2)
         } catch {
-            throw LauncherError.qemu("cannot start \(QEMU.binary): \(error.localizedDescription)")
+            throw LauncherError.qemu("cannot start \(QEMU.binary): \(error)")
         }
-        return process
+        let continuation = events.continuation
+        let waiter = Thread { continuation.yield(.qemuExited(child.wait())) }
+        waiter.start()
+        return child
     }
 
     /// SIGTERM, then SIGKILL if QEMU has not gone after two seconds.
-    static func end(_ qemu: Process) {
-        guard qemu.isRunning else { return }
-        qemu.terminate()
+    static func end(_ qemu: ChildProcess) {
+        qemu.signal(SIGTERM)
         let deadline = Date().addingTimeInterval(2)
-        while qemu.isRunning && Date() < deadline { usleep(20_000) }
-        if qemu.isRunning { kill(qemu.processIdentifier, SIGKILL) }
-        qemu.waitUntilExit()
+        while qemu.poll() == nil && Date() < deadline { usleep(20_000) }
+        qemu.signal(SIGKILL)
+        qemu.wait()
     }
 
     static func exitStatus(inConsole path: String) -> Int32? {

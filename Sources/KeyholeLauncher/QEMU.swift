@@ -1,4 +1,5 @@
 import Foundation
+import KeyholeNetfilter
 public import KeyholePolicy
 
 /// How the guest is booted: the accelerator probe and QEMU's command line.
@@ -11,30 +12,56 @@ public enum QEMU {
 
     /// Whether KVM really works: `/dev/kvm` may exist on hosts where ordinary guests cannot
     /// run (here, only PVM guests boot and QEMU aborts setting up the vCPU). QEMU is started
-    /// paused on a KVM microvm; if it is still alive after a moment, the vCPU was created.
+    /// paused on a KVM microvm with QMP on stdout; once it has greeted, the vCPU is being set
+    /// up, and a QEMU still alive 1.5 s later has one. nil when KVM works, else why not. (A
+    /// guest that still dies at once under KVM is booted again with TCG by the launcher.)
     public static func probeKVM() -> String? {
         guard FileManager.default.fileExists(atPath: "/dev/kvm") else { return "/dev/kvm does not exist" }
         guard access("/dev/kvm", R_OK | W_OK) == 0 else { return "/dev/kvm is not accessible to this user" }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = [
+        let output = ChildProcess.pipe()
+        let errors = ChildProcess.pipe()
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { for fd in [output.read, errors.read, null] { close(fd) } }
+        let arguments = [
             "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "64", "-nodefaults", "-no-user-config", "-display", "none", "-S",
+            "-qmp", "stdio",
         ]
-        let errors = Pipe()
-        process.standardError = errors
-        process.standardOutput = FileHandle.nullDevice
-        process.standardInput = FileHandle.nullDevice
-        do { try process.run() } catch { return "cannot start \(binary): \(error.localizedDescription)" }
-        let deadline = Date().addingTimeInterval(1.5)
-        while process.isRunning && Date() < deadline { usleep(20_000) }
-        if process.isRunning {
-            process.terminate()
-            process.waitUntilExit()
-            return nil
+        let child: ChildProcess
+        do {
+            child = try ChildProcess(binary, arguments, stdin: null, stdout: output.write, stderr: errors.write)
+        } catch {
+            close(output.write)
+            close(errors.write)
+            return "cannot start \(binary): \(error)"
         }
-        let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let first = text.split(separator: "\n").first.map(String.init) ?? "QEMU exited with status \(process.terminationStatus)"
-        return first.replacingOccurrences(of: "qemu-system-x86_64: ", with: "")
+        close(output.write)
+        close(errors.write)
+        // The QMP greeting, or EOF when QEMU dies first.
+        var descriptor = pollfd(fd: output.read, events: Int16(POLLIN), revents: 0)
+        var greeting = [UInt8](repeating: 0, count: 512)
+        var answered = false
+        if Glibc.poll(&descriptor, 1, 15_000) > 0 {
+            let n = greeting.withUnsafeMutableBytes { read(output.read, $0.baseAddress, $0.count) }
+            answered = n > 0 && String(decoding: greeting[0..<n], as: UTF8.self).contains("QMP")
+        }
+        if answered {
+            // The vCPU is reset just after the greeting; a KVM that cannot run it aborts then.
+            let settle = Date().addingTimeInterval(1.5)
+            while child.poll() == nil && Date() < settle { usleep(20_000) }
+            answered = child.poll() == nil
+        }
+        child.signal(SIGKILL)
+        let status = child.wait()
+        if answered { return nil }
+        var text = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(errors.read, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            text += chunk[0..<n]
+        }
+        let first = String(decoding: text, as: UTF8.self).split(separator: "\n").first.map(String.init)
+        return (first ?? "QEMU exited with status \(status) before starting a KVM machine").replacingOccurrences(of: "qemu-system-x86_64: ", with: "")
     }
 
     /// The accelerator for `accel`; for `auto` without KVM, `warning` says why TCG is used.

@@ -89,34 +89,3 @@ public final class Appliance: Sendable {
         for (path, value) in values { try? value.write(toFile: path, atomically: false, encoding: .utf8) }
     }
 }
-
-/// Runs a system tool to completion and returns its combined output; a non-zero exit is an
-/// error that names the command and carries what it printed.
-public enum HostCommand {
-    @discardableResult
-    public static func run(_ executable: String, _ arguments: [String], input: String? = nil, directory: String? = nil) throws(NetfilterError) -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
-        process.arguments = arguments
-        let output = Pipe()
-        let stdin = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        process.standardInput = stdin
-        do {
-            try process.run()
-        } catch {
-            throw .command(([executable] + arguments).joined(separator: " "), "\(error)")
-        }
-        if let input { stdin.fileHandleForWriting.write(Data(input.utf8)) }
-        try? stdin.fileHandleForWriting.close()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        guard process.terminationStatus == 0 else {
-            throw .command(([executable] + arguments).joined(separator: " "), text.trimmingCharacters(in: .whitespacesAndNewlines))
-        }
-        return text
-    }
-}

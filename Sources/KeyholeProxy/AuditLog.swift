@@ -1,5 +1,6 @@
 public import Foundation
 import KeyholePolicy
+import NIOPosix
 import Synchronization
 
 #if canImport(Glibc)
@@ -131,6 +132,12 @@ public struct AuditRecord: Sendable {
 
     static func appendQuoted(_ value: String, to out: inout [UInt8]) {
         out.append(UInt8(ascii: "\""))
+        let plain = value.utf8.allSatisfy { $0 >= 0x20 && $0 != 0x7F && $0 != UInt8(ascii: "\"") && $0 != UInt8(ascii: "\\") }
+        if plain {
+            out += value.utf8
+            out.append(UInt8(ascii: "\""))
+            return
+        }
         for byte in value.utf8 {
             switch byte {
             case UInt8(ascii: "\""): out += "\\\"".utf8
@@ -150,10 +157,21 @@ public struct AuditRecord: Sendable {
 }
 
 /// Appends audit records as JSON lines to a file (created 0600) or to stderr.
+///
+/// Records written on a SwiftNIO event loop are batched until the loop has handled its
+/// current round of I/O (one `write(2)` for many requests instead of one each); a warning
+/// or error record is written at once, after whatever was batched before it. Records from
+/// any other thread are written at once. `flush()` writes what is pending.
 public final class AuditLog: Sendable {
     private let fd: Int32
     private let ownsDescriptor: Bool
-    private let lock = Mutex(())
+    private struct Pending {
+        var bytes: [UInt8] = []
+        var flushScheduled = false
+    }
+    private let pending = Mutex(Pending())
+    /// A batch larger than this is written without waiting for the end of the round.
+    static let batchLimit = 64 << 10
 
     /// Writes to standard error.
     public init() {
@@ -169,15 +187,40 @@ public final class AuditLog: Sendable {
     }
 
     deinit {
+        flush()
         if ownsDescriptor { close(fd) }
     }
 
     public func write(_ record: AuditRecord) {
-        var bytes: [UInt8] = []
-        record.appendJSONLine(to: &bytes, time: Date())
-        lock.withLock { _ in
-            bytes.withUnsafeBytes { _ = FileBytes.writeAll(fd, $0) }
+        var line: [UInt8] = []
+        record.appendJSONLine(to: &line, time: Date())
+        let loop = record.level == .info ? MultiThreadedEventLoopGroup.currentEventLoop : nil
+        let schedule: Bool = pending.withLock { state in
+            state.bytes += line
+            guard loop != nil, state.bytes.count < Self.batchLimit else {
+                writeOut(&state.bytes)
+                return false
+            }
+            defer { state.flushScheduled = true }
+            return !state.flushScheduled
         }
+        if schedule, let loop {
+            loop.execute { [self] in self.flush() }
+        }
+    }
+
+    /// Writes every pending record.
+    public func flush() {
+        pending.withLock { state in
+            state.flushScheduled = false
+            writeOut(&state.bytes)
+        }
+    }
+
+    private func writeOut(_ bytes: inout [UInt8]) {
+        guard !bytes.isEmpty else { return }
+        bytes.withUnsafeBytes { _ = FileBytes.writeAll(fd, $0) }
+        bytes.removeAll(keepingCapacity: true)
     }
 }
 

@@ -29,7 +29,7 @@ public struct ProxyConfiguration: Sendable {
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),
         connectTimeout: TimeAmount = .seconds(10), headTimeout: TimeAmount = .seconds(30), idleTimeout: TimeAmount = .minutes(5),
-        threads: Int = System.coreCount
+        threads: Int = ProxyConfiguration.usableCores
     ) {
         self.listen = listen
         self.upstreamMark = upstreamMark
@@ -38,6 +38,20 @@ public struct ProxyConfiguration: Sendable {
         self.headTimeout = headTimeout
         self.idleTimeout = idleTimeout
         self.threads = threads
+    }
+}
+
+extension ProxyConfiguration {
+    /// The CPUs this process may run on (`Cpus_allowed` of /proc/self/status: taskset,
+    /// cpusets), so a proxy pinned to one core runs one event loop, not one per core.
+    public static var usableCores: Int {
+        let all = System.coreCount
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Cpus_allowed:") })
+        else { return all }
+        let mask = line.dropFirst("Cpus_allowed:".count).filter { $0.isHexDigit }
+        let count = mask.reduce(0) { $0 + (Int(String($1), radix: 16) ?? 0).nonzeroBitCount }
+        return count > 0 ? min(count, all) : all
     }
 }
 
@@ -132,6 +146,7 @@ public final class ProxyServer: Sendable {
         try? await bound?.close()
         try? await group.shutdownGracefully()
         try? await shared.threadPool.shutdownGracefully()
+        shared.audit.flush()
     }
 }
 
