@@ -118,7 +118,10 @@ let package = Package(
         ),
         .testTarget(name: "KeyholeProxyTests", dependencies: ["KeyholeProxy"], swiftSettings: strict),
         .testTarget(name: "KeyholeNetfilterTests", dependencies: ["KeyholeNetfilter"], swiftSettings: strict),
-        .testTarget(name: "KeyholeLauncherTests", dependencies: ["KeyholeLauncher"], swiftSettings: strict),
+        .testTarget(
+            name: "KeyholeLauncherTests",
+            dependencies: ["KeyholeLauncher", "KeyholePolicy", .product(name: "Yams", package: "Yams")],
+            swiftSettings: strict),
         .testTarget(name: "keyholeTests", dependencies: ["keyhole"], exclude: ["Fixtures"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

@@ -7,7 +7,7 @@ packages=(
   pkg-config libnetfilter-queue-dev libmnl-dev libssl-dev   # build: CNetfilterQueue
   iptables nftables iproute2 kmod                           # appliance: rules, namespaces, TAP
   dnsmasq-base curl openssl python3 procps psmisc iputils-ping # tests: resolver, clients, servers
-  qemu-system-x86 cpio zstd xz-utils                        # launcher: guests and their initramfs
+  qemu-system-x86 cpio zstd xz-utils genisoimage            # launcher: guests, initramfs, cloud-init seed
 )
 
 missing=()

@@ -68,8 +68,7 @@ public final class Launcher: Sendable {
             if !image.isReady { progress("building the builtin guest image (first use; cached afterwards)") }
             try image.ensure(progress: progress)
             (kernel, baseInitrd, withInit) = (image.kernelPath, image.initrdPath, true)
-        case .kernel(let path, let initrd, let disk):
-            if disk != nil { throw LauncherError.image("guest.disk is not supported by this build yet; use image: builtin or kernel + initrd") }
+        case .kernel(let path, let initrd, _):
             (kernel, baseInitrd, withInit) = (path, initrd, false)
         }
         var (accelerator, warning) = try QEMU.choose(guest.accel)
@@ -96,6 +95,15 @@ public final class Launcher: Sendable {
         }
         defer { try? FileManager.default.removeItem(atPath: initrd) }
 
+        // A disk guest is configured by cloud-init, from a NoCloud seed next to its disk.
+        var disks: [QEMU.Disk] = []
+        if case .kernel(_, _, let disk?) = guest.image {
+            let seed = runDirectory + "/seed.iso"
+            try CloudInitSeed(layer: layer, mac: QEMU.mac(for: policy.name)).write(to: seed)
+            disks = [QEMU.Disk(path: disk, readOnly: false), QEMU.Disk(path: seed, readOnly: true)]
+        }
+        defer { try? FileManager.default.removeItem(atPath: runDirectory + "/seed.iso") }
+
         let tap = try TapDevice.create(TapName.forSandbox(policy.name))
         defer { tap.remove() }
         let forwarding = Appliance.enableForwarding()
@@ -121,14 +129,14 @@ public final class Launcher: Sendable {
             if let consoleLog { try? Data().write(to: URL(fileURLWithPath: consoleLog)) }
             let boot = QEMU.Boot(
                 accelerator: accelerator, kernel: kernel, initrd: initrd, cmdline: cmdline, memoryMiB: guest.memoryMiB, vcpus: guest.vcpus,
-                tap: tap.name, mac: QEMU.mac(for: policy.name), consoleLog: consoleLog)
+                tap: tap.name, mac: QEMU.mac(for: policy.name), disks: disks, consoleLog: consoleLog)
             let started = Date()
             let qemu = try startQEMU(boot)
             let deadline = Task { [events] in
                 try await Task.sleep(for: .seconds(Self.bootSeconds))
                 events.continuation.yield(.bootDeadline)
             }
-            let result = await supervise(qemu, consoleLog: withInit ? consoleLog : nil)
+            let result = await supervise(qemu, consoleLog: (withInit || !disks.isEmpty) ? consoleLog : nil, bootMarker: withInit)
             deadline.cancel()
             switch result {
             case .outcome(let final):
@@ -159,7 +167,7 @@ public final class Launcher: Sendable {
     }
 
     /// Waits for QEMU to end, or ends it on block-and-terminate or a signal.
-    private func supervise(_ qemu: ChildProcess, consoleLog: String?) async -> Supervised {
+    private func supervise(_ qemu: ChildProcess, consoleLog: String?, bootMarker: Bool) async -> Supervised {
         for await event in events.stream {
             switch event {
             case .qemuExited(let status):
@@ -169,7 +177,7 @@ public final class Launcher: Sendable {
                 }
                 return .outcome(.exited(status == 0 ? 0 : 1))
             case .bootDeadline:
-                guard let consoleLog, !Self.console(consoleLog, contains: GuestLayer.bootMarker) else { continue }
+                guard bootMarker, let consoleLog, !Self.console(consoleLog, contains: GuestLayer.bootMarker) else { continue }
                 Self.end(qemu)
                 progress("the guest did not boot within \(Self.bootSeconds) s; console: \(consoleLog)")
                 for line in Self.consoleTail(consoleLog) { progress("  | " + line) }

@@ -89,9 +89,29 @@ public enum QEMU {
         public var vcpus: Int
         public var tap: String
         public var mac: String
+        /// Block devices (virtio-blk): the guest's disk, then its cloud-init seed.
+        public var disks: [Disk] = []
         /// With a command: the console goes to this file, the command's stdout and stderr to
         /// two virtio consoles on Keyhole's stdout and stderr. Without: the console is on stdio.
         public var consoleLog: String?
+    }
+
+    public struct Disk: Sendable {
+        public var path: String
+        public var readOnly: Bool
+
+        public init(path: String, readOnly: Bool) {
+            self.path = path
+            self.readOnly = readOnly
+        }
+
+        /// qcow2 by its magic bytes, raw otherwise (QEMU refuses to guess for writable raw).
+        var format: String {
+            guard let handle = FileHandle(forReadingAtPath: path) else { return "raw" }
+            defer { try? handle.close() }
+            let magic = (try? handle.read(upToCount: 4)) ?? Data()
+            return magic == Data([0x51, 0x46, 0x49, 0xFB]) ? "qcow2" : "raw"
+        }
     }
 
     public static func arguments(_ boot: Boot) -> [String] {
@@ -102,6 +122,14 @@ public enum QEMU {
             "-netdev", "tap,id=net0,ifname=\(boot.tap),script=no,downscript=no", "-device", "virtio-net-device,netdev=net0,mac=\(boot.mac)",
             "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0",
         ]
+        for (index, disk) in boot.disks.enumerated() {
+            // A comma in a path must be doubled inside QEMU's option syntax.
+            let file = disk.path.replacingOccurrences(of: ",", with: ",,")
+            arguments += [
+                "-drive", "file=\(file),if=none,id=disk\(index),format=\(disk.format)" + (disk.readOnly ? ",readonly=on" : ""),
+                "-device", "virtio-blk-device,drive=disk\(index)",
+            ]
+        }
         if let log = boot.consoleLog {
             arguments += [
                 "-serial", "file:" + log, "-device", "virtio-serial-device",
