@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "keyhole", targets: ["keyhole"]),
         .library(name: "KeyholeEngine", targets: ["KeyholeEngine"]),
         .library(name: "KeyholePolicy", targets: ["KeyholePolicy"]),
+        .library(name: "KeyholeTLS", targets: ["KeyholeTLS"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.80.0"),

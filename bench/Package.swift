@@ -25,6 +25,15 @@ let package = Package(
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
         ),
         .executableTarget(
+            name: "TLSBenchmarks",
+            dependencies: [
+                .product(name: "Benchmark", package: "benchmark"),
+                .product(name: "KeyholeTLS", package: "keyhole"),
+            ],
+            path: "Benchmarks/TLSBenchmarks",
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        ),
+        .executableTarget(
             name: "EngineProfile",
             dependencies: [
                 .product(name: "KeyholeEngine", package: "keyhole"),
