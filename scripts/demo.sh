@@ -56,8 +56,10 @@ for name in api collector; do
 done
 ip netns exec $I python3 demo/demo-api.py --bind 203.0.113.10 --name api.demo.test --cert $work/api.pem \
   --key $work/api.key --log $work/requests.log > $work/api.ready 2>&1 &
+disown  # ended with the namespace by cleanup
 ip netns exec $I python3 demo/demo-api.py --bind 203.0.113.66 --name collector.demo.test --cert $work/collector.pem \
   --key $work/collector.key --log $work/requests.log > $work/collector.ready 2>&1 &
+disown
 for _ in $(seq 50); do grep -q ready $work/api.ready $work/collector.ready 2>/dev/null && [ "$(cat $work/*.ready | grep -c ready)" = 2 ] && break; sleep 0.1; done
 
 echo "== keyhole run policies/demo.yaml -- sh -c '…'   (the guest's view follows)"
