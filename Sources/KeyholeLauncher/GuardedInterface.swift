@@ -56,10 +56,12 @@ public final class GuardedInterface: Sendable {
     ) async throws -> GuardedInterface {
         let tls = try InterceptionTLS(ca: ca, upstreamCAFiles: policy.network.upstreamCA)
         let dns = DNSObservations()
+        var configuration = ProxyConfiguration(
+            listen: try SocketAddress(ipAddress: "0.0.0.0", port: Int(settings.proxyPort)), upstreamMark: settings.upstreamMark,
+            firstFlightTimeout: settings.firstFlightTimeout, headTimeout: settings.headTimeout)
+        configuration.alsoIPv6 = true
         let server = ProxyServer(
-            configuration: ProxyConfiguration(
-                listen: try SocketAddress(ipAddress: "0.0.0.0", port: Int(settings.proxyPort)), upstreamMark: settings.upstreamMark,
-                firstFlightTimeout: settings.firstFlightTimeout, headTimeout: settings.headTimeout),
+            configuration: configuration,
             policy: policy, tls: tls, dns: dns, audit: audit, metrics: metrics, onTerminate: onTerminate)
         let bound = try await server.start()
         let rules = ApplianceRules(

@@ -25,6 +25,9 @@ public struct ProxyConfiguration: Sendable {
     public var idleTimeout: TimeAmount
     /// Event loops (one per core by default).
     public var threads: Int
+    /// With `listen` on 0.0.0.0: also listen on [::] at the same port (IPv6 only), for
+    /// guests whose IPv6 flows are REDIRECTed too (appliance mode).
+    public var alsoIPv6: Bool = false
 
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),
@@ -96,7 +99,7 @@ final class ProxyShared: Sendable {
 public final class ProxyServer: Sendable {
     let shared: ProxyShared
     let group: MultiThreadedEventLoopGroup
-    private let channel: Mutex<(any Channel)?>
+    private let channels: Mutex<[any Channel]>
 
     public init(
         configuration: ProxyConfiguration, policy: Policy, tls: InterceptionTLS, dns: DNSObservations, audit: AuditLog,
@@ -108,7 +111,7 @@ public final class ProxyServer: Sendable {
             configuration: configuration, policy: policy, tls: tls, dns: dns, audit: audit, metrics: metrics, threadPool: pool,
             onTerminate: onTerminate)
         group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.threads))
-        channel = Mutex(nil)
+        channels = Mutex([])
     }
 
     /// Binds the listener; returns the address it is bound to.
@@ -124,13 +127,25 @@ public final class ProxyServer: Sendable {
                     try channel.pipeline.syncOperations.addHandler(FirstFlightHandler(shared: shared))
                 }
             }
+        let bound: any Channel
         do {
-            let bound = try await bootstrap.bind(to: shared.configuration.listen).get()
-            channel.withLock { $0 = bound }
-            return bound.localAddress ?? shared.configuration.listen
+            bound = try await bootstrap.bind(to: shared.configuration.listen).get()
+            channels.withLock { $0.append(bound) }
         } catch {
             throw ProxyError.listen(address: "\(shared.configuration.listen)", reason: "\(error)")
         }
+        let address = bound.localAddress ?? shared.configuration.listen
+        if shared.configuration.alsoIPv6, let port = address.port, FileManager.default.fileExists(atPath: "/proc/net/if_inet6") {
+            do {
+                let v6 = try await bootstrap.serverChannelOption(ChannelOptions.Types.SocketOption(level: .ipv6, name: .ipv6_v6only), value: 1)
+                    .bind(to: try SocketAddress(ipAddress: "::", port: port)).get()
+                channels.withLock { $0.append(v6) }
+            } catch {
+                await stop()
+                throw ProxyError.listen(address: "[::]:\(port)", reason: "\(error)")
+            }
+        }
+        return address
     }
 
     /// New connections use `policy`; existing ones keep the policy they started with.
@@ -139,11 +154,11 @@ public final class ProxyServer: Sendable {
     public var metrics: ProxyMetrics { shared.metrics }
 
     public func stop() async {
-        let bound = channel.withLock { c -> (any Channel)? in
-            defer { c = nil }
+        let bound = channels.withLock { c -> [any Channel] in
+            defer { c = [] }
             return c
         }
-        try? await bound?.close()
+        for listener in bound { try? await listener.close() }
         try? await group.shutdownGracefully()
         try? await shared.threadPool.shutdownGracefully()
         shared.audit.flush()

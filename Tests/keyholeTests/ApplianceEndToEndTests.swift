@@ -181,4 +181,22 @@ struct ApplianceEndToEndTests {
         let sets = try harness.appliance("nft list set inet keyhole_\(harness.guestInterface.replacingOccurrences(of: "-", with: "_")) egress_deny_v4").stdout
         #expect(sets.contains("203.0.113.11"), "\(sets)")
     }
+
+    @Test func ipv6GuestsGetTheSameIdentityChecks() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        let log = try harness.upstream("2001:db8:113::10", port: 443, cert: "v6.example.test")
+        let unresolved = try harness.upstream("2001:db8:113::11", port: 443, cert: "v6.example.test")
+        try harness.startProxy(policy: Self.policy.replacingOccurrences(of: "allow_hosts: [api.example.test]", with: "allow_hosts: [v6.example.test]"))
+        // Resolved through the appliance (AAAA), REDIRECTed over IPv6, substituted.
+        let ok = try curl(harness, "https://v6.example.test/v6", "-6 -H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(ok.stdout == "ok\n", "\(ok.stderr)")
+        #expect(harness.header(harness.records(log).first ?? [:], "Authorization") == "Bearer \(Self.realValue)")
+        // The right name, but an IPv6 address no DNS answer gave: no substitution, blocked.
+        let pinned = try curl(
+            harness, "https://v6.example.test/unresolved", "-6 --resolve 'v6.example.test:443:[2001:db8:113::11]' -H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(pinned.status == 56, "\(pinned.stdout) \(pinned.stderr)")
+        #expect(harness.records(unresolved).isEmpty)
+        #expect(!(try String(contentsOfFile: harness.auditLog, encoding: .utf8)).contains(Self.realValue))
+    }
 }

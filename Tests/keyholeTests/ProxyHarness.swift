@@ -39,7 +39,7 @@ final class ProxyHarness: @unchecked Sendable {
     var extraNamespaces: [String] = []
 
     /// Hosts with certificates from the test upstream CA.
-    static let names = ["api.example.test", "other.example.test", "pinned.example.test"]
+    static let names = ["api.example.test", "other.example.test", "pinned.example.test", "v6.example.test"]
 
     init(mode: Mode = .redirect) throws {
         Self.lock.lock()
@@ -100,6 +100,8 @@ final class ProxyHarness: @unchecked Sendable {
                     """
                     ip link add \(id)-g0 netns \(g) type veth peer name \(id)-a0 netns \(a)
                     ip -n \(g) addr add 10.0.2.2/30 dev \(id)-g0 && ip -n \(g) link set \(id)-g0 up && ip -n \(g) route add default via 10.0.2.1
+                    ip -n \(g) addr add fd00:2::2/64 dev \(id)-g0 nodad && ip -n \(a) addr add fd00:2::1/64 dev \(id)-a0 nodad
+                    ip -n \(g) -6 route add default via fd00:2::1
                     """)
             }
             try sh(
@@ -109,6 +111,9 @@ final class ProxyHarness: @unchecked Sendable {
                 ip -n \(a) route add 203.0.113.0/24 via 198.51.100.2 && ip -n \(a) route add 192.168.77.0/24 via 198.51.100.2
                 ip -n \(i) addr add 198.51.100.2/24 dev \(id)-i1 && ip -n \(i) link set \(id)-i1 up
                 ip -n \(i) addr add 198.51.100.53/32 dev lo && ip -n \(i) addr add 192.168.77.7/32 dev lo
+                ip -n \(a) addr add 2001:db8:100::1/64 dev \(id)-a1 nodad && ip -n \(i) addr add 2001:db8:100::2/64 dev \(id)-i1 nodad
+                ip -n \(i) addr add 2001:db8:113::10/128 dev lo && ip -n \(i) addr add 2001:db8:113::11/128 dev lo
+                ip -n \(a) -6 route add 2001:db8:113::/64 via 2001:db8:100::2
                 mkdir -p /etc/netns/\(g) && echo "nameserver 198.51.100.53" > /etc/netns/\(g)/resolv.conf
                 """)
             // dnsmasq daemonizes (and closes every inherited descriptor, which confuses
@@ -116,7 +121,7 @@ final class ProxyHarness: @unchecked Sendable {
             try sh(
                 "ip netns exec \(i) dnsmasq --no-resolv --no-hosts --listen-address=198.51.100.53 --bind-interfaces --port=53 "
                     + "--local-ttl=300 --address=/api.example.test/203.0.113.10 --address=/other.example.test/203.0.113.11 "
-                    + "--address=/rebind.example.test/10.9.9.9 --address=/private.example.test/192.168.77.7 "
+                    + "--address=/rebind.example.test/10.9.9.9 --address=/private.example.test/192.168.77.7 --address=/v6.example.test/2001:db8:113::10 "
                     + "--pid-file=\(directory)/dnsmasq.pid")
             usleep(300_000)
         }
