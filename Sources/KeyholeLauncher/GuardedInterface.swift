@@ -70,17 +70,11 @@ public final class GuardedInterface: Sendable {
         let observer = DNSAnswerObserver(
             dns: dns, policy: DNSAnswerPolicy(egress: policy.network.egress), rules: rules, audit: audit, metrics: metrics, sandbox: policy.name)
         let queue = PacketQueue(number: settings.queueNumber, decide: observer.decide)
+        let appliance = Appliance(rules: rules)
         do {
             try Appliance.configure(interface: interface, address: policy.network.gateway)
             try queue.start()
-        } catch {
-            queue.stop()
-            await server.stop()
-            throw error
-        }
-        let appliance = Appliance(rules: rules)
-        do {
-            try appliance.install()
+            try appliance.install()  // removes what it added when it fails
         } catch {
             queue.stop()
             await server.stop()

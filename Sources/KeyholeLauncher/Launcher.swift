@@ -49,7 +49,8 @@ public final class Launcher: Sendable {
 
     public func run() async throws -> Outcome {
         let guest = policy.guest ?? GuestSpec()
-        let runDirectory = stateDirectory + "/run/" + TapName.forSandbox(policy.name)
+        let tapName = TapName.forSandbox(policy.name)
+        let runDirectory = stateDirectory + "/run/" + tapName
         do {
             try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
         } catch {
@@ -104,7 +105,7 @@ public final class Launcher: Sendable {
         }
         defer { try? FileManager.default.removeItem(atPath: runDirectory + "/seed.iso") }
 
-        let tap = try TapDevice.create(TapName.forSandbox(policy.name))
+        let tap = try TapDevice.create(tapName)
         defer { tap.remove() }
         let forwarding = Appliance.enableForwarding()
         defer { Appliance.restore(forwarding) }

@@ -53,14 +53,7 @@ public enum QEMU {
         child.signal(SIGKILL)
         let status = child.wait()
         if answered { return nil }
-        var text = [UInt8]()
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(errors.read, $0.baseAddress, $0.count) }
-            if n <= 0 { break }
-            text += chunk[0..<n]
-        }
-        let first = String(decoding: text, as: UTF8.self).split(separator: "\n").first.map(String.init)
+        let first = String(decoding: ChildProcess.readAll(errors.read), as: UTF8.self).split(separator: "\n").first.map(String.init)
         return (first ?? "QEMU exited with status \(status) before starting a KVM machine").replacingOccurrences(of: "qemu-system-x86_64: ", with: "")
     }
 

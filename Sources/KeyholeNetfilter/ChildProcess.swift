@@ -56,9 +56,7 @@ public final class ChildProcess: Sendable {
                 return status.withLock { $0 } ?? 1
             }
         }
-        let code = (raw & 0x7F) == 0 ? (raw >> 8) & 0xFF : 128 + (raw & 0x7F)
-        status.withLock { $0 = code }
-        return code
+        return record(raw)
     }
 
     /// The exit status if the child has ended (reaping it), else nil.
@@ -66,6 +64,11 @@ public final class ChildProcess: Sendable {
         if let known = status.withLock({ $0 }) { return known }
         var raw: Int32 = 0
         guard waitpid(pid, &raw, WNOHANG) == pid else { return nil }
+        return record(raw)
+    }
+
+    /// Decodes a `waitpid` status (exit code, or 128 + signal) and remembers it.
+    private func record(_ raw: Int32) -> Int32 {
         let code = (raw & 0x7F) == 0 ? (raw >> 8) & 0xFF : 128 + (raw & 0x7F)
         status.withLock { $0 = code }
         return code
@@ -73,6 +76,18 @@ public final class ChildProcess: Sendable {
 
     public func signal(_ number: Int32) {
         if status.withLock({ $0 }) == nil { kill(pid, number) }
+    }
+
+    /// Everything `fd` delivers until end of file.
+    public static func readAll(_ fd: Int32) -> [UInt8] {
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return data }
+            data += chunk[0..<n]
+        }
     }
 
     /// A pipe whose two ends are closed on exec (the child gets its copy through dup2).
@@ -128,14 +143,7 @@ public enum HostCommand {
             close(stdin.write)
         }
         writer.start()
-        var data: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { Glibc.read(output.read, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            data += chunk[0..<n]
-        }
+        let data = ChildProcess.readAll(output.read)
         close(output.read)
         let status = child.wait()
         let text = String(decoding: data, as: UTF8.self)

@@ -8,7 +8,6 @@ import KeyholeProxy
 import KeyholeTLS
 import NIOCore
 import NIOPosix
-import Synchronization
 
 struct ProxyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -137,7 +136,8 @@ struct ProxyCommand: AsyncParsableCommand {
             if let listen {
                 served = try await .listener(startListener(listen, policy: loaded[0], ca: ca, audit: audit, metrics: proxyMetrics, events: events.continuation))
             } else {
-                served = try await .interfaces(startInterfaces(loaded, ca: ca, audit: audit, metrics: proxyMetrics, events: events.continuation))
+                let (guards, forwarding) = try await startInterfaces(loaded, ca: ca, audit: audit, metrics: proxyMetrics, events: events.continuation)
+                served = .interfaces(guards, forwarding: forwarding)
             }
         } catch let error as ExitCode {
             throw error
@@ -178,7 +178,7 @@ struct ProxyCommand: AsyncParsableCommand {
                 served.reload(policies)
             case .terminate(let reason, let interface):
                 exitCode = 4
-                guard case .interfaces(let guards) = served, guards.count > 1, let interface,
+                guard case .interfaces(let guards, _) = served, guards.count > 1, let interface,
                     let cut = guards.first(where: { $0.interface == interface })
                 else {
                     Output.err("keyhole proxy: block-and-terminate: \(reason); stopping")
@@ -217,10 +217,11 @@ struct ProxyCommand: AsyncParsableCommand {
         return server
     }
 
-    /// `--interface` (one or more): forwarding on, then one guarded interface each.
+    /// `--interface` (one or more): forwarding on, then one guarded interface each; returns
+    /// them and the forwarding settings to restore.
     private func startInterfaces(
         _ loaded: [Policy], ca: SandboxCA, audit: AuditLog, metrics: ProxyMetrics, events: AsyncStream<ProxyEvent>.Continuation
-    ) async throws -> [GuardedInterface] {
+    ) async throws -> ([GuardedInterface], [String: String]) {
         let forwarding = Appliance.enableForwarding()
         var guards: [GuardedInterface] = []
         for (index, interface) in interfaces.enumerated() {
@@ -242,24 +243,21 @@ struct ProxyCommand: AsyncParsableCommand {
                 "keyhole proxy: guarding \(interface) for sandbox \(guarded.policyName) (nft table inet \(guarded.rules.tableName), "
                     + "proxy port \(guarded.listening.port ?? 0), DNS answers on NFQUEUE \(guarded.rules.queueNumber))")
         }
-        ProxyCommand.forwarding.withLock { $0 = forwarding }
-        return guards
+        return (guards, forwarding)
     }
-
-    static let forwarding = Mutex<[String: String]>([:])
 }
 
 /// What `keyhole proxy` is running: one listener, or guarded interfaces.
 enum Served {
     case listener(ProxyServer)
-    case interfaces([GuardedInterface])
+    case interfaces([GuardedInterface], forwarding: [String: String])
 
     /// SIGHUP: each policy file is reloaded; an invalid one is refused and keeps running.
     func reload(_ paths: [String]) {
         let targets: [(String, (Policy) -> Void)]
         switch self {
         case .listener(let server): targets = [(paths[0], server.reload(policy:))]
-        case .interfaces(let guards): targets = zip(paths, guards).map { ($0, $1.reload(policy:)) }
+        case .interfaces(let guards, _): targets = zip(paths, guards).map { ($0, $1.reload(policy:)) }
         }
         for (path, apply) in targets {
             do {
@@ -276,9 +274,9 @@ enum Served {
         switch self {
         case .listener(let server):
             await server.stop()
-        case .interfaces(let guards):
+        case .interfaces(let guards, let forwarding):
             for guarded in guards { await guarded.stop() }
-            Appliance.restore(ProxyCommand.forwarding.withLock { $0 })
+            Appliance.restore(forwarding)
         }
     }
 }

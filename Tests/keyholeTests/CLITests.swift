@@ -36,15 +36,23 @@ enum CLI {
         env["KEYHOLE_FIXTURE_UNSET_VARIABLE"] = nil
         for (key, value) in environment { env[key] = value }
         process.environment = env
+        let input = Pipe()
+        process.standardInput = input
+        return try collect(process) {
+            if let stdin { input.fileHandleForWriting.write(stdin) }
+            try input.fileHandleForWriting.close()
+        }
+    }
+
+    /// Runs `process` (its stdin already set), calls `afterStart`, and collects its exit
+    /// status and both output streams.
+    static func collect(_ process: Process, afterStart: () throws -> Void = {}) throws -> Result {
         let out = Pipe()
         let err = Pipe()
-        let input = Pipe()
         process.standardOutput = out
         process.standardError = err
-        process.standardInput = input
         try process.run()
-        if let stdin { input.fileHandleForWriting.write(stdin) }
-        try input.fileHandleForWriting.close()
+        try afterStart()
         // Read both pipes concurrently so a chatty child cannot block on a full pipe.
         nonisolated(unsafe) var errData = Data()
         let reader = Thread { errData = err.fileHandleForReading.readDataToEndOfFile() }
