@@ -151,8 +151,7 @@ public final class Launcher: Sendable {
                     accelerator = .tcg
                     continue
                 }
-                progress("the guest stopped without reporting its command's status (QEMU exit \(qemuStatus)); console: \(consoleLog ?? "-")")
-                if let consoleLog { for line in Self.consoleTail(consoleLog) { progress("  | " + line) } }
+                report("the guest stopped without reporting its command's status (QEMU exit \(qemuStatus))", console: consoleLog)
                 outcome = .exited(qemuStatus > 0 && qemuStatus < 128 ? qemuStatus : 1)
             }
             break
@@ -180,8 +179,7 @@ public final class Launcher: Sendable {
             case .bootDeadline:
                 guard bootMarker, let consoleLog, !Self.console(consoleLog, contains: GuestLayer.bootMarker) else { continue }
                 Self.end(qemu)
-                progress("the guest did not boot within \(Self.bootSeconds) s; console: \(consoleLog)")
-                for line in Self.consoleTail(consoleLog) { progress("  | " + line) }
+                report("the guest did not boot within \(Self.bootSeconds) s", console: consoleLog)
                 return .outcome(.exited(1))
             case .terminate(let reason):
                 Self.end(qemu)
@@ -245,9 +243,12 @@ public final class Launcher: Sendable {
         return ((attributes[.size] as? Int) ?? 0) > 0
     }
 
-    static func consoleTail(_ path: String) -> [String] {
+    /// `message`, where the console log is, and its last lines.
+    private func report(_ message: String, console path: String?) {
+        progress(message + "; console: " + (path ?? "-"))
+        guard let path else { return }
         let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
-        return text.split(whereSeparator: \.isNewline).suffix(8).map(String.init)
+        for line in text.split(whereSeparator: \.isNewline).suffix(8) { progress("  | " + line) }
     }
 
     /// A queue number per TAP, so that several sandboxes can run side by side.
