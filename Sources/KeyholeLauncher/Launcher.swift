@@ -18,8 +18,11 @@ public final class Launcher: Sendable {
     }
 
     enum Event: Sendable {
-        case qemuExited(Int32)
+        /// QEMU `pid` ended with `status` (a QEMU ended for a retry reports too: match the pid).
+        case qemuExited(pid: Int32, status: Int32)
         case bootDeadline
+        /// Time for a guest that auto booted with KVM to have reached its init.
+        case kvmBootCheck
         case terminate(String)
         case stop(Int32)
     }
@@ -116,20 +119,24 @@ public final class Launcher: Sendable {
         progress("sandbox \(policy.name): TAP \(tap.name), guest \(address.address), gateway \(gateway.address), DNS \(resolver), \(accelerator.rawValue)")
 
         let consoleLog = (command ?? guest.command) == nil ? nil : runDirectory + "/console.log"
-        var cmdline = "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable" + (withInit ? " rdinit=/init" : "")
-        if accelerator == .tcg, let khz = QEMU.hostTSCkHz() {
-            // Under TCG the guest's TSC is the host's; calibrating it against the emulated
-            // PIT fails now and then on a busy host, and the kernel then hangs.
-            cmdline += " tsc_early_khz=\(khz)"
+        func kernelCommandLine(_ accelerator: QEMU.Accelerator) -> String {
+            var cmdline = "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable" + (withInit ? " rdinit=/init" : "")
+            if accelerator == .tcg, let khz = QEMU.hostTSCkHz() {
+                // Under TCG the guest's TSC is the host's; calibrating it against the emulated
+                // PIT fails now and then on a busy host, and the kernel then hangs.
+                cmdline += " tsc_early_khz=\(khz)"
+            }
+            if let extra = guest.cmdline { cmdline += " " + extra }
+            return cmdline
         }
-        if let extra = guest.cmdline { cmdline += " " + extra }
         var outcome: Outcome
         var attempt = 0
         while true {
             attempt += 1
             if let consoleLog { try? Data().write(to: URL(fileURLWithPath: consoleLog)) }
             let boot = QEMU.Boot(
-                accelerator: accelerator, kernel: kernel, initrd: initrd, cmdline: cmdline, memoryMiB: guest.memoryMiB, vcpus: guest.vcpus,
+                accelerator: accelerator, kernel: kernel, initrd: initrd, cmdline: kernelCommandLine(accelerator), memoryMiB: guest.memoryMiB,
+                vcpus: guest.vcpus,
                 tap: tap.name, mac: QEMU.mac(for: policy.name), disks: disks, consoleLog: consoleLog)
             let started = Date()
             let qemu = try startQEMU(boot)
@@ -137,11 +144,25 @@ public final class Launcher: Sendable {
                 try await Task.sleep(for: .seconds(Self.bootSeconds))
                 events.continuation.yield(.bootDeadline)
             }
+            // Some hosts let KVM start a machine but not run a kernel (it hangs in early boot,
+            // silently): when auto chose KVM, a guest that has not reached its init in time is
+            // booted again with TCG.
+            let watchKVM = accelerator == .kvm && guest.accel == .auto && attempt == 1
+            let kvmCheck = Task { [events] in
+                guard watchKVM else { return }
+                try await Task.sleep(for: .seconds(Self.kvmBootSeconds))
+                events.continuation.yield(.kvmBootCheck)
+            }
             let result = await supervise(qemu, consoleLog: (withInit || !disks.isEmpty) ? consoleLog : nil, bootMarker: withInit)
             deadline.cancel()
+            kvmCheck.cancel()
             switch result {
             case .outcome(let final):
                 outcome = final
+            case .kvmStalled:
+                progress("KVM did not bring the guest to its init within \(Self.kvmBootSeconds) s; booting with TCG (software emulation, slower)")
+                accelerator = .tcg
+                continue
             case .noStatus(let qemuStatus):
                 // auto picked KVM, and it fell over at once: boot again with TCG.
                 if qemuStatus != 0, accelerator == .kvm, guest.accel == .auto, attempt == 1, Date().timeIntervalSince(started) < 10,
@@ -164,18 +185,25 @@ public final class Launcher: Sendable {
         case outcome(Outcome)
         /// A command was to run, and QEMU ended without its status (QEMU's own status).
         case noStatus(Int32)
+        /// The guest had not reached its init under KVM by `kvmBootSeconds`; QEMU was ended.
+        case kvmStalled
     }
 
     /// Waits for QEMU to end, or ends it on block-and-terminate or a signal.
     private func supervise(_ qemu: ChildProcess, consoleLog: String?, bootMarker: Bool) async -> Supervised {
         for await event in events.stream {
             switch event {
-            case .qemuExited(let status):
+            case .qemuExited(let pid, let status):
+                guard pid == qemu.pid else { continue }
                 if let consoleLog {
                     guard let exit = Self.exitStatus(inConsole: consoleLog) else { return .noStatus(status) }
                     return .outcome(.exited(exit))
                 }
                 return .outcome(.exited(status == 0 ? 0 : 1))
+            case .kvmBootCheck:
+                guard bootMarker, let consoleLog, !Self.console(consoleLog, contains: GuestLayer.bootMarker) else { continue }
+                Self.end(qemu)
+                return .kvmStalled
             case .bootDeadline:
                 guard bootMarker, let consoleLog, !Self.console(consoleLog, contains: GuestLayer.bootMarker) else { continue }
                 Self.end(qemu)
@@ -206,7 +234,7 @@ public final class Launcher: Sendable {
             throw LauncherError.qemu("cannot start \(QEMU.binary): \(error)")
         }
         let continuation = events.continuation
-        let waiter = Thread { continuation.yield(.qemuExited(child.wait())) }
+        let waiter = Thread { continuation.yield(.qemuExited(pid: child.pid, status: child.wait())) }
         waiter.start()
         return child
     }
@@ -232,6 +260,9 @@ public final class Launcher: Sendable {
 
     /// How long the builtin guest may take to reach its init (TCG on a busy host: ~5 s).
     static let bootSeconds = 60
+    /// How long a guest that auto booted with KVM may take to reach its init (~1 s where
+    /// KVM works) before it is booted again with TCG.
+    static let kvmBootSeconds = 10
 
     static func console(_ path: String, contains marker: String) -> Bool {
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return false }
