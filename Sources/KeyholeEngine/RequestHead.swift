@@ -1,4 +1,5 @@
 import CKeyholeSIMD
+import KeyholePolicy
 
 /// A parsed HTTP/1.x request head: offsets into the header block, nothing copied.
 struct RequestHead {
@@ -33,6 +34,12 @@ struct RequestHead {
 
     var hostField: Int?
     var hostCount = 0
+    /// The host part of the one `Host` value (brackets and port removed), set by `parse`.
+    var host: Range<Int> = 0..<0
+    /// The host part of `authority`, when there is one.
+    var authorityHost: Range<Int>?
+    /// Why the Host (or the authority) is not acceptable, or nil.
+    var hostProblem: FramingError?
     var contentLength: Int?
     var chunked = false
     var upgrade = false
@@ -116,6 +123,33 @@ struct RequestHead {
         }
         if chunked && contentLength != nil { throw .contentLengthWithTransferEncoding }
         if sawTransferEncoding && minorVersion == 0 { throw .transferEncodingInHTTP10 }
+        checkHost(b)
+    }
+
+    /// Exactly one Host, and a plain authority: servers route anything else in their own
+    /// way (nginx sends `Host: [name]` to its default server), so Keyhole refuses it. Not
+    /// thrown: the rewriter first looks for placeholders (a request that carries one is a
+    /// violation, whatever else is wrong with it), then refuses the request.
+    private mutating func checkHost(_ b: UnsafeRawBufferPointer) {
+        host = 0..<0
+        authorityHost = nil
+        guard hostCount == 1, let hostField else {
+            hostProblem = hostCount == 0 ? .missingHost : .duplicateHost
+            return
+        }
+        guard let host = Self.hostPart(b, fields[hostField].value) else {
+            hostProblem = .invalidHost
+            return
+        }
+        self.host = host
+        if let authority {
+            guard let authorityHost = Self.hostPart(b, authority) else {
+                hostProblem = .invalidHost
+                return
+            }
+            self.authorityHost = authorityHost
+        }
+        hostProblem = nil
     }
 
     private mutating func parseRequestLine(_ b: UnsafeRawBufferPointer, _ line: Range<Int>) throws(FramingError) {
@@ -287,18 +321,23 @@ struct RequestHead {
         return true
     }
 
-    /// The host part of a `Host` value or an authority: no userinfo, no port, brackets
-    /// removed from IPv6 literals. Returns nil when the value is not a plain authority.
+    /// The host part of a `Host` value or an authority, or nil when the value is not a
+    /// canonical `host[:port]`: a host name of letters, digits, `-`, `_` and dots (no empty
+    /// label; one trailing dot allowed), an IPv4 address, or an IPv6 literal in brackets
+    /// (returned without them); the port 1–5 digits. Userinfo, percent-encoding, other
+    /// sub-delimiters and brackets around anything but an IPv6 address are refused.
     static func hostPart(_ b: UnsafeRawBufferPointer, _ range: Range<Int>) -> Range<Int>? {
         guard !range.isEmpty else { return nil }
-        for i in range where b[i] == 0x40 { return nil }  // userinfo is never acceptable
         if b[range.lowerBound] == 0x5B {  // [v6]:port
             var end = range.lowerBound + 1
             while end < range.upperBound, b[end] != 0x5D { end += 1 }
             guard end < range.upperBound else { return nil }
             let rest = (end + 1)..<range.upperBound
             guard rest.isEmpty || validPort(b, rest) else { return nil }
-            return (range.lowerBound + 1)..<end
+            let literal = (range.lowerBound + 1)..<end
+            let text = String(decoding: UnsafeRawBufferPointer(rebasing: b[literal]), as: UTF8.self)
+            guard text.contains(":"), let address = IPAddress(text), !address.isIPv4 else { return nil }
+            return literal
         }
         var colon = range.upperBound
         for i in range where b[i] == 0x3A {
@@ -309,12 +348,31 @@ struct RequestHead {
             guard validPort(b, colon..<range.upperBound) else { return nil }
         }
         let host = range.lowerBound..<colon
-        return host.isEmpty ? nil : host
+        return validRegisteredName(b, host) ? host : nil
+    }
+
+    /// `label(.label)*` with an optional trailing dot; labels of `A-Z a-z 0-9 - _`.
+    private static func validRegisteredName(_ b: UnsafeRawBufferPointer, _ range: Range<Int>) -> Bool {
+        guard !range.isEmpty else { return false }
+        var labelLength = 0
+        for i in range {
+            let byte = b[i]
+            if byte == 0x2E {
+                guard labelLength > 0 else { return false }
+                labelLength = 0
+                continue
+            }
+            let ok = (byte >= 0x61 && byte <= 0x7A) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x30 && byte <= 0x39)
+                || byte == 0x2D || byte == 0x5F
+            guard ok else { return false }
+            labelLength += 1
+        }
+        return labelLength > 0 || range.count > 1
     }
 
     private static func validPort(_ b: UnsafeRawBufferPointer, _ range: Range<Int>) -> Bool {
         guard b[range.lowerBound] == 0x3A else { return false }
         let digits = (range.lowerBound + 1)..<range.upperBound
-        return digits.count <= 5 && digits.allSatisfy { b[$0] >= 0x30 && b[$0] <= 0x39 }
+        return !digits.isEmpty && digits.count <= 5 && digits.allSatisfy { b[$0] >= 0x30 && b[$0] <= 0x39 }
     }
 }

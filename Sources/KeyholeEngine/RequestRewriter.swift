@@ -426,6 +426,7 @@ struct RewriterCore {
 
         var parseError: FramingError?
         var violation: Violation?
+        var hostOK = true
         buffer.withUnsafeReadableBytes { b in
             do throws(FramingError) {
                 try head.parse(b)
@@ -433,7 +434,7 @@ struct RewriterCore {
                 parseError = error
                 return
             }
-            computeRequestDenials(b)
+            hostOK = computeRequestDenials(b)
             violation = rewriteHead(b)
         }
         if let parseError {
@@ -443,6 +444,16 @@ struct RewriterCore {
         output.noteRequest()
         if let violation {
             block(violation, &output)
+            return
+        }
+        if let problem = head.hostProblem {
+            output.events.append(.framingError(problem, request: currentSummary()))
+            state = .blocked
+            return
+        }
+        if !hostOK {
+            output.events.append(.hostMismatch(request: currentSummary()))
+            state = .blocked
             return
         }
 
@@ -489,42 +500,41 @@ struct RewriterCore {
         }
     }
 
-    /// Per secret, why it may not be substituted in this request (nil: it may).
-    private mutating func computeRequestDenials(_ b: UnsafeRawBufferPointer) {
-        let hostOK = hostRulesHold(b)
+    /// Per secret, why it may not be substituted in this request (nil: it may). Returns
+    /// whether the host rules hold (see `hostRulesHold`).
+    private mutating func computeRequestDenials(_ b: UnsafeRawBufferPointer) -> Bool {
+        let hostOK = head.hostProblem == nil && hostRulesHold(b)
         requestDenial = connectionDenial
-        if identity.isTLS {
-            if !hostOK {
-                for i in requestDenial.indices { requestDenial[i] = .hostMismatch }
-            }
-            return
+        guard hostOK else {
+            for i in requestDenial.indices { requestDenial[i] = .hostMismatch }
+            return false
         }
+        if identity.isTLS { return true }
         // Plain HTTP: the Host header names the host; it must be pinned by DNS.
-        guard hostOK, let field = head.hostField, let hostRange = RequestHead.hostPart(b, head.fields[field].value) else {
-            for i in requestDenial.indices { requestDenial[i] = head.hostCount == 1 ? .hostMismatch : .unknownDestination }
-            return
-        }
-        let host = HostName.normalize(String(decoding: UnsafeRawBufferPointer(rebasing: b[hostRange]), as: UTF8.self))
+        let host = HostName.normalize(String(decoding: UnsafeRawBufferPointer(rebasing: b[head.host]), as: UTF8.self))
         for i in secrets.indices { requestDenial[i] = Self.denial(secrets[i], host: host, identity: identity) }
+        return true
     }
 
-    /// Exactly one Host; equal to the SNI (TLS); an absolute-form authority agrees with it.
-    private mutating func hostRulesHold(_ b: UnsafeRawBufferPointer) -> Bool {
-        guard head.hostCount == 1, let field = head.hostField,
-            let host = RequestHead.hostPart(b, head.fields[field].value)
-        else { return false }
-        if identity.isTLS, !Self.equalsHost(b, host, sniBytes) { return false }
-        if let authority = head.authority {
-            guard let authorityHost = RequestHead.hostPart(b, authority), Self.equalsHost(b, authorityHost, b, host) else {
-                return false
-            }
-        }
+    /// The Host equals the SNI (TLS); an absolute-form or CONNECT authority agrees with the
+    /// Host. (`RequestHead.parse` already made sure there is exactly one, well formed.)
+    private func hostRulesHold(_ b: UnsafeRawBufferPointer) -> Bool {
+        if identity.isTLS, !Self.equalsHost(b, head.host, sniBytes), !Self.sameIPAddress(b, head.host, sniBytes) { return false }
+        if let authorityHost = head.authorityHost, !Self.equalsHost(b, authorityHost, b, head.host) { return false }
         return true
     }
 
     /// Case-insensitive host comparison; a trailing dot on either side is ignored.
     static func equalsHost(_ b: UnsafeRawBufferPointer, _ range: Range<Int>, _ expected: [UInt8]) -> Bool {
         expected.withUnsafeBytes { e in equalsHost(b, range, e, 0..<e.count) }
+    }
+
+    /// IPv6 literals compare as addresses (`[2001:DB8:0::1]` is the SNI-less `2001:db8::1`).
+    static func sameIPAddress(_ b: UnsafeRawBufferPointer, _ range: Range<Int>, _ expected: [UInt8]) -> Bool {
+        guard let address = IPAddress(String(decoding: UnsafeRawBufferPointer(rebasing: b[range]), as: UTF8.self)),
+            let other = IPAddress(String(decoding: expected, as: UTF8.self))
+        else { return false }
+        return address == other
     }
 
     static func equalsHost(_ a: UnsafeRawBufferPointer, _ ra: Range<Int>, _ b: UnsafeRawBufferPointer, _ rb: Range<Int>) -> Bool {

@@ -120,6 +120,9 @@ public enum FramingError: String, Sendable, Hashable, Error {
     case trailersTooLarge = "trailers-too-large"
     case bodyTooLargeToSubstitute = "body-too-large-to-substitute"
     case incompleteRequest = "incomplete-request"
+    case missingHost = "missing-host"
+    case duplicateHost = "duplicate-host"
+    case invalidHost = "invalid-host"
 
     public var explanation: String {
         switch self {
@@ -142,6 +145,9 @@ public enum FramingError: String, Sendable, Hashable, Error {
         case .trailersTooLarge: return "the chunked trailers are larger than the limit"
         case .bodyTooLargeToSubstitute: return "the body exceeds the limit for body substitution"
         case .incompleteRequest: return "the connection ended in the middle of a request"
+        case .missingHost: return "the request has no Host header"
+        case .duplicateHost: return "the request has more than one Host header"
+        case .invalidHost: return "the Host header or the target's authority is not a plain host[:port] (brackets only around an IPv6 address)"
         }
     }
 }
@@ -154,4 +160,9 @@ public enum RewriteEvent: Sendable, Hashable {
     case violation(Violation)
     /// The stream is not valid HTTP/1.x framing: the connection must be reset.
     case framingError(FramingError, request: RequestSummary?)
+    /// The Host (or the target's authority) names another host than the TLS server name,
+    /// or the two disagree: domain fronting, refused whether or not a placeholder is in the
+    /// request (a request that carries one is reported as a `violation` instead). The
+    /// connection must be reset.
+    case hostMismatch(request: RequestSummary?)
 }

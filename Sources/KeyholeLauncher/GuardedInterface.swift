@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 public import KeyholeNetfilter
 public import KeyholePolicy
 public import KeyholeProxy
@@ -55,18 +56,22 @@ public final class GuardedInterface: Sendable {
         onTerminate: @escaping @Sendable (String) -> Void
     ) async throws -> GuardedInterface {
         let tls = try InterceptionTLS(ca: ca, upstreamCAFiles: policy.network.upstreamCA)
+        let resolvers = try GuestAddressing.trustedResolvers(for: policy)
         let dns = DNSObservations()
         var configuration = ProxyConfiguration(
             listen: try SocketAddress(ipAddress: "0.0.0.0", port: Int(settings.proxyPort)), upstreamMark: settings.upstreamMark,
             firstFlightTimeout: settings.firstFlightTimeout, headTimeout: settings.headTimeout)
         configuration.alsoIPv6 = true
+        // Egress `public` keeps guests away from the appliance itself: every address this
+        // host has now, and the gateway it is about to get.
+        configuration.applianceAddresses = Set(LocalAddresses.all() + (policy.network.gateway.map { [$0.address] } ?? []))
         let server = ProxyServer(
             configuration: configuration,
             policy: policy, tls: tls, dns: dns, audit: audit, metrics: metrics, onTerminate: onTerminate)
         let bound = try await server.start()
         let rules = ApplianceRules(
             interface: interface, proxyPort: UInt16(bound.port ?? Int(settings.proxyPort)), queueNumber: settings.queueNumber,
-            egress: policy.network.egress, resolvers: policy.network.dns)
+            egress: policy.network.egress, resolvers: resolvers)
         let observer = DNSAnswerObserver(
             dns: dns, policy: DNSAnswerPolicy(egress: policy.network.egress), rules: rules, audit: audit, metrics: metrics, sandbox: policy.name)
         let queue = PacketQueue(number: settings.queueNumber, decide: observer.decide)
@@ -113,6 +118,7 @@ final class DNSAnswerObserver: Sendable {
     let audit: AuditLog
     let metrics: ProxyMetrics
     let sandbox: String
+    let streams = Mutex(TCPDNSStreams())
 
     init(dns: DNSObservations, policy: DNSAnswerPolicy, rules: ApplianceRules, audit: AuditLog, metrics: ProxyMetrics, sandbox: String) {
         self.dns = dns
@@ -129,9 +135,23 @@ final class DNSAnswerObserver: Sendable {
 
     func verdict(_ packet: [UInt8]) -> Bool {
         // Whatever we cannot read passes untouched (it pins nothing).
-        guard let payload = try? DNSPacket.dnsPayload(packet),
-            let resolution = try? DNSMessage.parseResponse(Array(payload.dns))
-        else {
+        guard let payload = try? DNSPacket.dnsPayload(packet) else {
+            metrics.dnsAnswer(.unparsed)
+            return true
+        }
+        // Only a trusted resolver's answers reach the guest (the rules send guest DNS only
+        // there; this catches whatever else arrives from port 53) and create pins.
+        guard rules.resolvers.contains(payload.source.unmapped) else {
+            audit.write(
+                AuditRecord(
+                    level: .warn, event: "dns-untrusted-source", sandbox: sandbox, connection: 0, reason: "not-a-trusted-resolver",
+                    action: "drop", destination: payload.source.description))
+            metrics.dnsAnswer(.droppedUntrustedSource)
+            return false
+        }
+        // Over TCP, only a whole message at a message boundary of the stream is read.
+        guard let message = streams.withLock({ $0.message(in: payload) }) else { return true }
+        guard let resolution = try? DNSMessage.parseResponse(Array(message)) else {
             metrics.dnsAnswer(.unparsed)
             return true
         }

@@ -56,21 +56,33 @@ public enum GuestAddressing {
         throw .network("network.gateway \(gateway) leaves no address for the guest")
     }
 
-    /// The resolver the guest is told to use: `network.dns`, else the host's first
-    /// non-loopback nameserver (a loopback resolver cannot be reached from the guest).
+    /// The resolver the guest is told to use: the first IPv4 one of `trustedResolvers`.
     public static func resolver(for policy: Policy, resolvConf: String = "/etc/resolv.conf") throws(LauncherError) -> IPAddress {
-        if let first = policy.network.dns.first { return first }
+        let trusted = try trustedResolvers(for: policy, resolvConf: resolvConf)
+        guard let first = trusted.first(where: \.isIPv4) else {
+            throw .network("no IPv4 resolver among \(trusted.map(\.description).joined(separator: ", ")); set network.dns in the policy")
+        }
+        return first
+    }
+
+    /// The resolvers Keyhole trusts for a guest (BRIEF §4 (c)): `network.dns`, else the
+    /// host's own non-loopback nameservers (a loopback resolver cannot be reached from the
+    /// guest). Guest DNS goes only to these, and only their answers create pins.
+    public static func trustedResolvers(for policy: Policy, resolvConf: String = "/etc/resolv.conf") throws(LauncherError) -> [IPAddress] {
+        if !policy.network.dns.isEmpty { return policy.network.dns }
         let text = (try? String(contentsOfFile: resolvConf, encoding: .utf8)) ?? ""
         var loopback: String?
+        var found: [IPAddress] = []
         for line in text.split(separator: "\n") {
             let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
             guard fields.count >= 2, fields[0] == "nameserver", let address = IPAddress(fields[1]) else { continue }
-            if IPNetwork("127.0.0.0/8")!.contains(address) || address == IPAddress("::1")! {
+            if address.scope == .loopback {
                 loopback = loopback ?? String(fields[1])
                 continue
             }
-            if address.isIPv4 { return address }
+            if !found.contains(address) { found.append(address) }
         }
+        if !found.isEmpty { return found }
         if let loopback {
             throw .network("the host's resolver \(loopback) is on loopback, which the guest cannot reach; set network.dns in the policy")
         }

@@ -9,7 +9,8 @@ public struct ApplianceRules: Sendable, Equatable {
     public var proxyPort: UInt16
     public var queueNumber: UInt16
     public var egress: EgressPolicy
-    /// When set, guest DNS may go only to these resolvers.
+    /// The resolvers Keyhole trusts (`network.dns`, else the host's): guest DNS reaches
+    /// only these, and only their answers create pins. Empty: the guest has no DNS.
     public var resolvers: [IPAddress]
 
     public init(interface: String, proxyPort: UInt16, queueNumber: UInt16, egress: EgressPolicy, resolvers: [IPAddress] = []) {
@@ -39,24 +40,51 @@ public struct ApplianceRules: Sendable, Equatable {
     /// Networks that are not "public" (BRIEF §4: private, loopback, link-local, metadata…).
     static let internalV4 = ["0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
                              "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4"]
-    static let internalV6 = ["::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8", "100::/64"]
+    /// The IPv6 ones, plus the IPv6 forms that translators route to an internal IPv4
+    /// address: IPv4-mapped, NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`) of each range
+    /// above, and local-use NAT64.
+    static let internalV6: [String] = {
+        var networks = ["::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8", "100::/64", "::ffff:0:0/96", "64:ff9b:1::/48"]
+        for text in internalV4 { networks += translatedForms(of: IPNetwork(text)!) }
+        return networks
+    }()
+
+    /// The IPv6 networks through which translators reach an IPv4 network: NAT64
+    /// (`64:ff9b::/96`), 6to4 (`2002::/16`) and IPv4-compatible (`::a.b.c.d`).
+    static func translatedForms(of network: IPNetwork) -> [String] {
+        let v4 = network.address.bytes
+        let zeros = { (count: Int) in [UInt8](repeating: 0, count: count) }
+        let nat64 = IPAddress(v6Bytes: [0, 0x64, 0xFF, 0x9B] + zeros(8) + v4)
+        let sixToFour = IPAddress(v6Bytes: [0x20, 0x02] + v4 + zeros(10))
+        let compatible = IPAddress(v6Bytes: zeros(12) + v4)
+        return [
+            "\(nat64)/\(96 + network.prefixLength)", "\(sixToFour)/\(16 + network.prefixLength)",
+            "\(compatible)/\(96 + network.prefixLength)",
+        ]
+    }
 
     static func family(_ network: IPNetwork) -> String { network.address.isIPv4 ? "ip" : "ip6" }
+    static func family(_ address: IPAddress) -> String { address.isIPv4 ? "ip" : "ip6" }
 
     /// An nft script that replaces any earlier copy of the table in one transaction.
     public func nftScript() -> String {
         let iface = "\"\(interface)\""
-        var egressRules: [String] = []
+        var denyNetworks: [String] = []
+        var allowNetworks: [String] = []
         for rule in egress.deny {
-            if case .network(let network) = rule { egressRules.append("\(Self.family(network)) daddr \(network) drop") }
+            guard case .network(let network) = rule else { continue }
+            denyNetworks.append("\(Self.family(network)) daddr \(network) drop")
+            if network.address.isIPv4 {
+                denyNetworks.append("ip6 daddr { \(Self.translatedForms(of: network).joined(separator: ", ")) } drop")
+            }
+        }
+        for rule in egress.allow {
+            if case .network(let network) = rule { allowNetworks.append("\(Self.family(network)) daddr \(network) accept") }
         }
         // Host names: the addresses the guest's DNS answers gave for them (sets filled by
         // the DNS observer, each element expiring with its answer's TTL).
-        egressRules += ["ip daddr @\(Self.denySet4) drop", "ip6 daddr @\(Self.denySet6) drop"]
-        for rule in egress.allow {
-            if case .network(let network) = rule { egressRules.append("\(Self.family(network)) daddr \(network) accept") }
-        }
-        egressRules += ["ip daddr @\(Self.allowSet4) accept", "ip6 daddr @\(Self.allowSet6) accept"]
+        var egressRules = denyNetworks + ["ip daddr @\(Self.denySet4) drop", "ip6 daddr @\(Self.denySet6) drop"]
+        egressRules += allowNetworks + ["ip daddr @\(Self.allowSet4) accept", "ip6 daddr @\(Self.allowSet6) accept"]
         switch egress.default {
         case .public:
             egressRules.append("ip daddr { \(Self.internalV4.joined(separator: ", ")) } drop")
@@ -67,14 +95,24 @@ public struct ApplianceRules: Sendable, Equatable {
         case .all:
             egressRules.append("accept")
         }
-        var dnsRules: [String] = []
-        if resolvers.isEmpty {
-            dnsRules.append("meta l4proto { tcp, udp } th dport 53 accept")
-        } else {
-            for resolver in resolvers {
-                dnsRules.append("\(resolver.isIPv4 ? "ip" : "ip6") daddr \(resolver) meta l4proto { tcp, udp } th dport 53 accept")
-            }
+        // DNS goes only to the trusted resolvers: a query to any other address is sent to
+        // the first trusted resolver of its family (the guest cannot pick its resolver, and
+        // only answers Keyhole can trust create pins); DNS over TLS is dropped.
+        var dnsRedirects: [String] = []
+        for family in ["ip", "ip6"] {
+            let trusted = resolvers.filter { Self.family($0) == family }
+            guard let first = trusted.first else { continue }
+            let list = trusted.map(\.description).joined(separator: ", ")
+            let target = first.isIPv4 ? first.description : "[\(first)]"
+            dnsRedirects.append("iifname \(iface) meta l4proto { tcp, udp } th dport 53 \(family) daddr != { \(list) } dnat \(family) to \(target)")
         }
+        let dnsAccepts = resolvers.map { "\(Self.family($0)) daddr \($0) meta l4proto { tcp, udp } th dport 53 accept" }
+        // Traffic to the appliance itself (the gateway and its other addresses): the proxy
+        // port (where every guest TCP flow is redirected), ICMP (neighbour discovery, ping)
+        // and trusted DNS; everything else only as the egress rules allow.
+        var inputRules = ["ct state established,related accept", "meta l4proto tcp th dport \(proxyPort) accept",
+                          "meta l4proto { icmp, ipv6-icmp } accept"] + dnsAccepts + denyNetworks + allowNetworks
+        inputRules.append(egress.default == .all ? "accept" : "drop")
         return """
             table inet \(tableName)
             delete table inet \(tableName)
@@ -83,10 +121,24 @@ public struct ApplianceRules: Sendable, Equatable {
               set \(Self.denySet6) { type ipv6_addr; flags timeout; }
               set \(Self.allowSet4) { type ipv4_addr; flags timeout; }
               set \(Self.allowSet6) { type ipv6_addr; flags timeout; }
+              chain prefilter {
+                type filter hook prerouting priority dstnat - 10; policy accept;
+                iifname \(iface) meta nfproto ipv4 ip saddr != 0.0.0.0 fib saddr . iif oif missing drop
+                iifname \(iface) meta nfproto ipv6 ip6 saddr != :: fib saddr . iif oif missing drop
+                iifname \(iface) meta l4proto { tcp, udp } th dport 853 drop
+              }
               chain prerouting {
                 type nat hook prerouting priority dstnat; policy accept;
+            \(dnsRedirects.map { "    " + $0 }.joined(separator: "\n"))
                 iifname \(iface) tcp dport 53 return
                 iifname \(iface) meta l4proto tcp redirect to :\(proxyPort)
+              }
+              chain input {
+                type filter hook input priority filter; policy accept;
+                iifname \(iface) jump guest_input
+              }
+              chain guest_input {
+            \(inputRules.map { "    " + $0 }.joined(separator: "\n"))
               }
               chain forward {
                 type filter hook forward priority filter; policy accept;
@@ -95,7 +147,8 @@ public struct ApplianceRules: Sendable, Equatable {
               }
               chain guest_egress {
                 udp dport 443 drop
-            \(dnsRules.map { "    " + $0 }.joined(separator: "\n"))
+            \(dnsAccepts.map { "    " + $0 }.joined(separator: "\n"))
+                meta l4proto { tcp, udp } th dport 53 drop
                 meta l4proto tcp drop
             \(egressRules.map { "    " + $0 }.joined(separator: "\n"))
               }
@@ -158,8 +211,14 @@ public struct ApplianceRules: Sendable, Equatable {
     /// iptables-nft commands (arguments after the binary) that queue DNS answers to the guest.
     public func queueInstallCommands() -> [[String]] {
         var commands: [[String]] = [["-t", "mangle", "-N", queueChain]]
+        // Only replies of connections the guest opened to port 53: a packet the guest itself
+        // forges with source port 53 (and sends back to itself through the appliance) is
+        // an original-direction packet and never reaches the observer.
         for proto in ["udp", "tcp"] {
-            commands.append(["-t", "mangle", "-A", queueChain, "-p", proto, "--sport", "53", "-j", "NFQUEUE", "--queue-num", String(queueNumber)])
+            commands.append([
+                "-t", "mangle", "-A", queueChain, "-p", proto, "--sport", "53", "-m", "conntrack", "--ctdir", "REPLY",
+                "--ctorigdstport", "53", "-j", "NFQUEUE", "--queue-num", String(queueNumber),
+            ])
         }
         commands.append(["-t", "mangle", "-A", "FORWARD", "-o", interface, "-j", queueChain])
         commands.append(["-t", "mangle", "-A", "OUTPUT", "-o", interface, "-j", queueChain])

@@ -86,10 +86,13 @@ public struct HostAllowList: Sendable, Hashable, CustomStringConvertible {
 
     public var isEmpty: Bool { exact.isEmpty && patterns.isEmpty && !anyHost }
 
+    /// Whether `host` is a valid host name (after normalizing) that the list allows. A
+    /// name that is not a valid DNS host name (`bad-.example.com`, an IP literal, empty) is
+    /// no name at all: nothing allows it, not even `anyHost`.
     public func allows<S: StringProtocol>(_ host: S) -> Bool {
-        if anyHost { return true }
         let normalized = HostName.normalize(host)
-        if normalized.isEmpty { return false }
+        guard HostName.problem(with: normalized) == nil else { return false }
+        if anyHost { return true }
         if exact.contains(normalized) { return true }
         return patterns.contains { $0.matches(normalizedHost: normalized) }
     }

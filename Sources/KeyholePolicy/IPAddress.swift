@@ -89,7 +89,21 @@ public enum IPAddress: Sendable, Hashable, CustomStringConvertible {
         for (network, scope) in IPAddress.specialNetworks where network.contains(address) {
             return scope
         }
+        // An IPv6 form that carries an IPv4 address (NAT64, 6to4, IPv4-compatible) is
+        // what that IPv4 address is: `64:ff9b::a9fe:a9fe` reaches 169.254.169.254.
+        if let embedded = address.embeddedIPv4 { return embedded.scope }
         return .public
+    }
+
+    /// The IPv4 address inside an IPv6 address that translators route to it: the
+    /// well-known NAT64 prefix `64:ff9b::/96`, 6to4 `2002::/16`, and the deprecated
+    /// IPv4-compatible `::a.b.c.d`. (IPv4-mapped addresses are `unmapped`.)
+    public var embeddedIPv4: IPAddress? {
+        guard case .v6(let high, let low) = self else { return nil }
+        if high == 0x0064_FF9B_0000_0000, low >> 32 == 0 { return .v4(UInt32(truncatingIfNeeded: low)) }
+        if high >> 48 == 0x2002 { return .v4(UInt32(truncatingIfNeeded: high >> 16)) }
+        if high == 0, low >> 32 == 0, low > 1 { return .v4(UInt32(truncatingIfNeeded: low)) }
+        return nil
     }
 
     /// Public means: not loopback, private (RFC 1918, ULA), CGNAT, link-local (which holds the
@@ -104,6 +118,8 @@ public enum IPAddress: Sendable, Hashable, CustomStringConvertible {
         ("224.0.0.0/4", .multicast), ("240.0.0.0/4", .reserved),
         ("::/128", .unspecified), ("::1/128", .loopback), ("fc00::/7", .private), ("fe80::/10", .linkLocal),
         ("ff00::/8", .multicast), ("100::/64", .reserved),
+        // Local-use NAT64 (RFC 8215): its embedding is the operator's choice, so it is never public.
+        ("64:ff9b:1::/48", .reserved),
     ] as [(String, Scope)]).map { (IPNetwork($0.0)!, $0.1) }
 }
 

@@ -70,6 +70,16 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
                     channel.reset()
                     return
                 }
+                // Egress applies to proxied flows too: decided before any upstream connect.
+                if case .denied(let rule) = self.shared.egressDecision(for: address) {
+                    self.shared.metrics.egressDenied.increment()
+                    self.shared.audit.write(
+                        AuditRecord(
+                            level: .warn, event: "egress-denied", sandbox: self.shared.policy.name, connection: 0, reason: rule,
+                            action: "reset", destination: "\(address.keyholeIP?.description ?? "?"):\(address.port ?? 0)"))
+                    channel.reset()
+                    return
+                }
                 self.destination = address
                 self.maybeDecide(context: context)
             case .failure:
@@ -147,6 +157,9 @@ final class Session {
     var upstream: (any Channel)?
     var rewriter: RequestRewriter?
     var serverName: String?
+    /// The host name the upstream's certificate was verified for (a dNSName SAN matching
+    /// the SNI, on a chain to a trusted root); nil until then, and for flows with no name.
+    var verifiedName: String?
     var output = RewriteOutput()
     var finished = false
     /// Set while a request head is partly received; fires the slowloris defence.
@@ -237,19 +250,42 @@ final class Session {
         }.nonisolated()
         guard tls else { return connected }
         let upstreamContext = shared.tls.upstreamContext
+        // Only a valid host name is a name: anything else is sent as no SNI, and the flow
+        // has no verified name (no secret can flow on it).
         let hostname = serverName.flatMap { HostName.problem(with: $0) == nil ? $0 : nil }
         return connected.assumeIsolated().flatMap { upstream in
             let handshake = upstream.eventLoop.makePromise(of: Void.self)
+            let client: NIOSSLClientHandler
             do {
-                let client = try NIOSSLClientHandler(context: upstreamContext, serverHostname: hostname)
+                client = try NIOSSLClientHandler(context: upstreamContext, serverHostname: hostname)
                 try upstream.pipeline.syncOperations.addHandler(client)
                 try upstream.pipeline.syncOperations.addHandler(HandshakeWatcher(promise: handshake))
             } catch {
-                handshake.fail(error)
+                upstream.close(promise: nil)
+                return upstream.eventLoop.makeFailedFuture(error)
             }
-            return handshake.futureResult.map { upstream }.assumeIsolated().flatMapError { error in
+            return handshake.futureResult.assumeIsolated().flatMapThrowing { () -> any Channel in
+                // The chain verified (NIOSSL, against the trust roots). The name is ours to
+                // check: a dNSName SAN matching the SNI, never an iPAddress SAN.
+                guard let hostname else { return upstream }
+                let problem: String
+                if let der = try? client.peerCertificate?.toDERBytes() {
+                    guard let found = UpstreamName.problem(certificateDER: der, name: hostname) else {
+                        session.verifiedName = hostname
+                        return upstream
+                    }
+                    problem = found
+                } else {
+                    problem = "the upstream presented no certificate"
+                }
+                throw UpstreamNameNotVerified(reason: problem)
+            }.flatMapError { error in
                 session.shared.metrics.upstreamVerifyFailures.increment()
-                session.record(.warn, "upstream-tls-failed", reason: "upstream certificate or handshake rejected", detail: "\(error)")
+                if let unverified = error as? UpstreamNameNotVerified {
+                    session.record(.warn, "upstream-tls-failed", reason: "name-not-verified", detail: unverified.reason)
+                } else {
+                    session.record(.warn, "upstream-tls-failed", reason: "upstream certificate or handshake rejected", detail: "\(error)")
+                }
                 upstream.close(promise: nil)
                 return upstream.eventLoop.makeFailedFuture(error)
             }.nonisolated()
@@ -299,9 +335,8 @@ final class Session {
         if tls {
             let name = serverName ?? destinationIP.description
             let pinned = serverName.map { shared.dns.isPinned(name: $0, address: destinationIP) } ?? false
-            // The upstream handshake verified the chain for the SNI; without an SNI there was
-            // no name to verify.
-            return ConnectionIdentity(sni: name, dnsPinnedNames: pinned ? [name] : [], upstreamVerified: serverName != nil)
+            // Verified means: this very name was checked against the upstream's certificate.
+            return ConnectionIdentity(sni: name, dnsPinnedNames: pinned ? [name] : [], upstreamVerified: verifiedName != nil && verifiedName == serverName)
         }
         return ConnectionIdentity(sni: nil, dnsPinnedNames: Set(shared.dns.names(for: destinationIP)), upstreamVerified: false)
     }
@@ -410,6 +445,14 @@ final class Session {
             if action == .blockAndTerminate {
                 shared.onTerminate("secret \(violation.secret) was sent to \(violation.request?.host ?? serverName ?? destinationText) (\(violation.reason.rawValue))")
             }
+        case .hostMismatch(let request):
+            shared.metrics.hostMismatches.increment()
+            shared.audit.write(
+                AuditRecord(
+                    level: .warn, event: "host-mismatch", sandbox: policy.name, connection: id,
+                    reason: rewriter?.identity.isTLS == true ? "host-not-sni" : "authority-not-host", action: "reset",
+                    sni: serverName, host: request?.host, destination: destinationText, method: request?.method, path: request?.path,
+                    detail: "the Host header (or the target's authority) names another host than the TLS server name: domain fronting is refused"))
         case .framingError(let error, let request):
             shared.metrics.framingErrors.increment()
             shared.audit.write(
@@ -520,6 +563,12 @@ final class UpstreamSideHandler: ChannelInboundHandler {
         session.record(.warn, "upstream-error", detail: "\(error)")
         session.abort()
     }
+}
+
+/// The upstream's chain verified, but its certificate does not name the SNI as a DNS name.
+struct UpstreamNameNotVerified: Error, CustomStringConvertible {
+    let reason: String
+    var description: String { reason }
 }
 
 /// Completes when the upstream TLS handshake (with full verification) completes.

@@ -26,10 +26,13 @@ public final class DNSObservations: Sendable {
         self.state = Mutex([:])
     }
 
+    /// The longest TTL honoured: a pin never outlives a day, whatever an answer claims.
+    public static let maxTTL: UInt32 = 86_400
+
     /// Records that `name` resolved to `address` with `ttl` seconds to live.
     public func record(name: String, address: IPAddress, ttl: UInt32, now: ContinuousClock.Instant = .now) {
         let key = HostName.normalize(name)
-        let expires = now + .seconds(Int64(ttl)) + grace
+        let expires = now + .seconds(Int64(min(ttl, Self.maxTTL))) + grace
         state.withLock { table in
             if table[key] == nil, table.count >= capacity {
                 Self.evict(&table, now: now, capacity: capacity)

@@ -28,6 +28,9 @@ public final class ProxyMetrics: Sendable {
     let dnsPinned: Counter
     let dnsRebindingDropped: Counter
     let dnsUnparsed: Counter
+    let dnsUntrustedSource: Counter
+    let egressDenied: Counter
+    let hostMismatches: Counter
 
     public init() {
         let registry = PrometheusCollectorRegistry()
@@ -55,6 +58,9 @@ public final class ProxyMetrics: Sendable {
         dnsPinned = counter("keyhole_dns_answers_total", [("result", "pinned")])
         dnsRebindingDropped = counter("keyhole_dns_answers_total", [("result", "dropped-rebinding")])
         dnsUnparsed = counter("keyhole_dns_answers_total", [("result", "unparsed")])
+        dnsUntrustedSource = counter("keyhole_dns_answers_total", [("result", "dropped-untrusted-source")])
+        egressDenied = counter("keyhole_egress_denied_total", [])
+        hostMismatches = counter("keyhole_host_mismatches_total", [])
     }
 
     /// One counter per (secret, site), made on first use and kept, so a substitution costs
@@ -73,7 +79,7 @@ public final class ProxyMetrics: Sendable {
     }
 
     public enum DNSAnswerResult: Sendable {
-        case pinned, droppedRebinding, unparsed
+        case pinned, droppedRebinding, unparsed, droppedUntrustedSource
     }
 
     /// Counts a DNS answer the appliance saw on its way to the guest.
@@ -82,6 +88,7 @@ public final class ProxyMetrics: Sendable {
         case .pinned: dnsPinned.increment()
         case .droppedRebinding: dnsRebindingDropped.increment()
         case .unparsed: dnsUnparsed.increment()
+        case .droppedUntrustedSource: dnsUntrustedSource.increment()
         }
     }
 

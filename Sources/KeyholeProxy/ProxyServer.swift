@@ -28,6 +28,9 @@ public struct ProxyConfiguration: Sendable {
     /// With `listen` on 0.0.0.0: also listen on [::] at the same port (IPv6 only), for
     /// guests whose IPv6 flows are REDIRECTed too (appliance mode).
     public var alsoIPv6: Bool = false
+    /// The appliance's own addresses (the guest-facing gateway among them): egress
+    /// `public` denies guest flows to them (BRIEF §4 Egress).
+    public var applianceAddresses: Set<IPAddress> = []
 
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),
@@ -89,6 +92,15 @@ final class ProxyShared: Sendable {
     }
 
     func replacePolicy(_ policy: Policy) { policyBox.withLock { $0 = policy } }
+
+    /// `network.egress` for a guest flow's original destination. Host-name rules use the
+    /// names trusted DNS answers gave for the address.
+    func egressDecision(for destination: SocketAddress) -> EgressDecision {
+        guard let address = destination.keyholeIP else { return .denied(rule: "not an IP destination") }
+        let egress = policy.network.egress
+        let names = egress.hasHostRules ? dns.names(for: address) : []
+        return egress.decide(address, names: names, applianceAddresses: configuration.applianceAddresses)
+    }
 
     func newConnectionID() -> UInt64 { nextConnection.add(1, ordering: .relaxed).newValue }
 }

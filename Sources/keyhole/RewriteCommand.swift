@@ -140,6 +140,9 @@ struct AuditLine {
         case .framingError(let error, let request):
             fields += [("event", "framing-error"), ("reason", error.rawValue), ("detail", error.explanation), ("action", "reset")]
             fields += requestFields(request)
+        case .hostMismatch(let request):
+            fields += [("event", "host-mismatch"), ("reason", sni == nil ? "authority-not-host" : "host-not-sni"), ("action", "reset")]
+            fields += requestFields(request)
         }
         return "{" + fields.compactMap { key, value in value.map { "\"\(key)\":\(JSON.string($0))" } }.joined(separator: ",") + "}"
     }

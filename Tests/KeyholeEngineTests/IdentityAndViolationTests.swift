@@ -41,11 +41,83 @@ struct IdentityAndViolationTests {
         #expect(userinfo.violations.first?.reason == .hostMismatch)
     }
 
-    @Test func requestsWithoutPlaceholdersPassEvenWhenHostRulesFail() {
-        let input = "GET / HTTP/1.1\r\nHost: elsewhere.example.net\r\n\r\n"
-        let run = rewrite(input)
-        #expect(run.text == input)
-        #expect(run.events.isEmpty)
+    @Test func domainFrontingIsRefusedEvenWithoutAPlaceholder() {
+        // TLS to api.example.com, Host elsewhere: nothing of it goes upstream.
+        let fronted = rewrite("GET / HTTP/1.1\r\nHost: elsewhere.example.net\r\n\r\n")
+        #expect(fronted.bytes.isEmpty)
+        #expect(fronted.hostMismatches == 1)
+        #expect(fronted.status == .blocked)
+        // The same in the second request of a keep-alive connection: the first one passes.
+        let ok = "GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n"
+        let second = rewrite(ok + "GET / HTTP/1.1\r\nHost: elsewhere.example.net\r\n\r\n")
+        #expect(second.text == ok)
+        #expect(second.hostMismatches == 1)
+        // Plain HTTP: an absolute-form target that disagrees with the Host.
+        let plain = ConnectionIdentity(sni: nil, dnsPinnedNames: [], upstreamVerified: false)
+        let smuggled = rewrite("GET http://evil.example.net/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n", identity: plain)
+        #expect(smuggled.bytes.isEmpty)
+        #expect(smuggled.hostMismatches == 1)
+        // A port on either side does not matter; case and a trailing dot do not either.
+        let ported = "GET https://API.example.com.:443/ HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n"
+        #expect(rewrite(ported).text == ported)
+    }
+
+    @Test(arguments: [
+        ("Host: [api.example.com]", FramingError.invalidHost),
+        ("Host: [api.example.com]:443", .invalidHost),
+        ("Host: [203.0.113.10]", .invalidHost),
+        ("Host: api.example.com:", .invalidHost),
+        ("Host: api.example.com:4430000", .invalidHost),
+        ("Host: api.example.com:https", .invalidHost),
+        ("Host: user@api.example.com", .invalidHost),
+        ("Host: api%2Eexample.com", .invalidHost),
+        ("Host: api.example.com, evil.example.net", .invalidHost),
+        ("Host: api..example.com", .invalidHost),
+        ("Host: .api.example.com", .invalidHost),
+        ("Host: api.example.com/x", .invalidHost),
+        ("Host:", .invalidHost),
+        ("Host: api.example.com\r\nHost: api.example.com", .duplicateHost),
+        ("X-Other: 1", .missingHost),
+    ])
+    func aHostMustBeExactlyOnePlainAuthority(_ field: String, _ error: FramingError) {
+        let run = rewrite("GET / HTTP/1.1\r\n\(field)\r\n\r\n")
+        #expect(run.bytes.isEmpty)
+        #expect(run.framingErrors == [error])
+        // With a placeholder in it, the same request is a violation (block-and-terminate
+        // applies), and still nothing goes upstream.
+        let carrying = rewrite("GET / HTTP/1.1\r\n\(field)\r\nAuthorization: Bearer $MSB_TOKEN\r\n\r\n")
+        #expect(carrying.bytes.isEmpty)
+        #expect(carrying.violations.first?.reason == .hostMismatch)
+        #expect(carrying.framingErrors.isEmpty)
+    }
+
+    @Test func theAuthorityOfAnAbsoluteTargetMustBePlainToo() {
+        let run = rewrite("GET https://[api.example.com]/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        #expect(run.framingErrors == [.invalidHost])
+    }
+
+    @Test func ipv6LiteralsInBracketsCompareAsAddresses() {
+        // A guest that connected to an IPv6 address without SNI: the identity is the address.
+        let bare = ConnectionIdentity(sni: "2001:db8::1", dnsPinnedNames: [], upstreamVerified: false)
+        let input = "GET / HTTP/1.1\r\nHost: [2001:DB8:0::1]:8443\r\n\r\n"
+        #expect(rewrite(input, identity: bare).text == input)
+        #expect(rewrite("GET / HTTP/1.1\r\nHost: [2001:db8::2]\r\n\r\n", identity: bare).hostMismatches == 1)
+    }
+
+    @Test func anSNIThatIsNotAHostNameIsNoName() {
+        // `*.cdn.example.com` matches "bad-.cdn.example.com" textually; it is not a host name.
+        let patterned = secret("TOKEN", value: "v", hosts: [], patterns: ["*.cdn.example.com"])
+        let name = "bad-.cdn.example.com"
+        let run = rewrite(
+            "GET / HTTP/1.1\r\nHost: \(name)\r\nAuthorization: Bearer $MSB_TOKEN\r\n\r\n", secrets: [patterned],
+            identity: .verifiedTLS(sni: name))
+        #expect(run.bytes.isEmpty)
+        #expect(run.violations.first?.reason == .hostNotAllowed)
+        let valid = "ok.cdn.example.com"
+        let allowed = rewrite(
+            "GET / HTTP/1.1\r\nHost: \(valid)\r\nAuthorization: Bearer $MSB_TOKEN\r\n\r\n", secrets: [patterned],
+            identity: .verifiedTLS(sni: valid))
+        #expect(allowed.text.contains("Bearer v\r\n"))
     }
 
     @Test func unverifiedUpstreamBlocksUnlessTheSecretWaivesTLSIdentity() {

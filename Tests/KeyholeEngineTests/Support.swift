@@ -29,6 +29,9 @@ struct Run {
     var framingErrors: [FramingError] {
         events.compactMap { if case .framingError(let e, _) = $0 { return e } else { return nil } }
     }
+    var hostMismatches: Int {
+        events.filter { if case .hostMismatch = $0 { return true } else { return false } }.count
+    }
     var substitutions: [(String, Site)] {
         events.compactMap { if case .substituted(let s, let site, _) = $0 { return (s, site) } else { return nil } }
     }

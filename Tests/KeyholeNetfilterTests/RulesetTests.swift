@@ -21,16 +21,67 @@ struct RulesetTests {
         let internalRanges = script.range(of: "ip daddr { 0.0.0.0/8")!.lowerBound
         #expect(deny < allow && allow < internalRanges)
         #expect(script.contains("iifname \"tap-worker\" masquerade"))
-        #expect(rules.queueInstallCommands().contains(["-t", "mangle", "-A", "KEYHOLE-tap_worker", "-p", "udp", "--sport", "53", "-j", "NFQUEUE", "--queue-num", "7"]))
+        #expect(rules.queueInstallCommands().contains([
+            "-t", "mangle", "-A", "KEYHOLE-tap_worker", "-p", "udp", "--sport", "53", "-m", "conntrack", "--ctdir", "REPLY",
+            "--ctorigdstport", "53", "-j", "NFQUEUE", "--queue-num", "7",
+        ]), "only replies to the guest's own DNS connections are observed")
+        // A guest that forges packets from another address (a trusted resolver's) is dropped
+        // by the reverse-path check before anything else sees them.
+        #expect(script.contains("iifname \"tap-worker\" meta nfproto ipv4 ip saddr != 0.0.0.0 fib saddr . iif oif missing drop"))
+        #expect(script.contains("iifname \"tap-worker\" meta nfproto ipv6 ip6 saddr != :: fib saddr . iif oif missing drop"))
+        // Deny rules cover the IPv6 forms of a denied IPv4 network.
+        #expect(script.contains("ip6 daddr { 64:ff9b::cb00:7109/128, 2002:cb00:7109::/48, ::203.0.113.9/128 } drop"))
         #expect(!rules.queueInstallCommands().joined().joined().contains("bypass"), "the queue must fail closed")
     }
 
-    @Test func resolversRestrictDNS() {
-        let rules = ApplianceRules(interface: "t0", proxyPort: 1, queueNumber: 1, egress: EgressPolicy(default: .none), resolvers: [IPAddress("198.51.100.53")!])
+    @Test func guestDNSGoesOnlyToTrustedResolvers() {
+        let rules = ApplianceRules(
+            interface: "t0", proxyPort: 1, queueNumber: 1, egress: EgressPolicy(default: .none),
+            resolvers: [IPAddress("198.51.100.53")!, IPAddress("198.51.100.54")!, IPAddress("2001:db8::53")!])
         let script = rules.nftScript()
         #expect(script.contains("ip daddr 198.51.100.53 meta l4proto { tcp, udp } th dport 53 accept"))
         #expect(!script.contains("\n    meta l4proto { tcp, udp } th dport 53 accept"), "no unrestricted DNS")
+        #expect(script.contains("    meta l4proto { tcp, udp } th dport 53 drop\n"))
+        // A query to any other resolver is sent to a trusted one (the guest cannot pick).
+        #expect(script.contains(
+            "iifname \"t0\" meta l4proto { tcp, udp } th dport 53 ip daddr != { 198.51.100.53, 198.51.100.54 } dnat ip to 198.51.100.53"))
+        #expect(script.contains("th dport 53 ip6 daddr != { 2001:db8::53 } dnat ip6 to [2001:db8::53]"))
+        // DNS over TLS is dropped before it could reach the proxy.
+        #expect(script.contains("iifname \"t0\" meta l4proto { tcp, udp } th dport 853 drop"))
+        let redirect = script.range(of: "dnat ip to")!.lowerBound
+        let proxy = script.range(of: "redirect to :1")!.lowerBound
+        #expect(redirect < proxy)
         #expect(script.contains("    drop\n"))
+    }
+
+    @Test func withoutAnIPv6ResolverIPv6DNSIsDropped() {
+        let rules = ApplianceRules(interface: "t0", proxyPort: 1, queueNumber: 1, egress: EgressPolicy(), resolvers: [IPAddress("198.51.100.53")!])
+        let script = rules.nftScript()
+        #expect(!script.contains("dnat ip6"))
+        #expect(script.contains("meta l4proto { tcp, udp } th dport 53 drop"))
+    }
+
+    @Test func theApplianceItselfIsOnlyReachableWhereItServesTheGuest() {
+        let rules = ApplianceRules(interface: "t0", proxyPort: 15001, queueNumber: 1, egress: EgressPolicy(), resolvers: [IPAddress("10.0.2.1")!])
+        let script = rules.nftScript()
+        func chain(_ script: String) -> String {
+            let start = script.range(of: "chain guest_input {")!.upperBound
+            return String(script[start..<script[start...].range(of: "\n  }")!.lowerBound]) + "\n"
+        }
+        let input = chain(script)
+        #expect(input.contains("meta l4proto tcp th dport 15001 accept"))
+        #expect(input.contains("ip daddr 10.0.2.1 meta l4proto { tcp, udp } th dport 53 accept"))
+        #expect(input.contains("meta l4proto { icmp, ipv6-icmp } accept"))
+        #expect(input.hasSuffix("    drop\n"))
+        let all = ApplianceRules(interface: "t0", proxyPort: 15001, queueNumber: 1, egress: EgressPolicy(default: .all)).nftScript()
+        #expect(chain(all).hasSuffix("    accept\n"))
+    }
+
+    @Test func publicCoversTranslatedFormsOfInternalIPv4() {
+        let script = ApplianceRules(interface: "t0", proxyPort: 1, queueNumber: 1, egress: EgressPolicy()).nftScript()
+        for network in ["::ffff:0:0/96", "64:ff9b::a9fe:0/112", "2002:a9fe::/32", "64:ff9b::a00:0/104", "64:ff9b:1::/48", "fc00::/7"] {
+            #expect(script.contains(network), "\(network)")
+        }
     }
 
     @Test func egressHostNamesUseSetsFilledFromDNSAnswers() {

@@ -152,6 +152,24 @@ struct AddressTests {
         #expect(IPAddress("8.8.8.8")?.isPublic == true)
         #expect(IPAddress("203.0.113.10")?.isPublic == true)
         #expect(IPAddress("2606:4700::1111")?.isPublic == true)
+        // Translated forms are what they carry.
+        #expect(IPAddress("64:ff9b::a9fe:a9fe")?.scope == .linkLocal)
+        #expect(IPAddress("2002:0a00:0001::")?.scope == .private)
+        #expect(IPAddress("64:ff9b::a9fe:a9fe")?.embeddedIPv4 == IPAddress("169.254.169.254"))
+        #expect(IPAddress("2001:db8::1")?.embeddedIPv4 == nil)
+    }
+
+    @Test func allowListsMatchOnlyValidNames() {
+        let list = HostAllowList(exact: ["api.example.com"], patterns: [HostPattern("*.cdn.example.com")!])
+        #expect(list.allows("API.example.com."))
+        #expect(list.allows("a.cdn.example.com"))
+        #expect(!list.allows("bad-.cdn.example.com"))
+        #expect(!list.allows("a_b..cdn.example.com"))
+        let any = HostAllowList(anyHost: true)
+        #expect(any.allows("anything.example.net"))
+        #expect(!any.allows("203.0.113.12"), "an IP literal is no name, even for allow_any_host_dangerous")
+        #expect(!any.allows("bad-.example.net"))
+        #expect(!any.allows(""))
     }
 
     @Test func networks() throws {

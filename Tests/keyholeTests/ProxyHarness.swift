@@ -115,6 +115,10 @@ final class ProxyHarness: @unchecked Sendable {
                 ip -n \(i) addr add 2001:db8:113::10/128 dev lo && ip -n \(i) addr add 2001:db8:113::11/128 dev lo
                 ip -n \(a) -6 route add 2001:db8:113::/64 via 2001:db8:100::2
                 mkdir -p /etc/netns/\(g) && echo "nameserver 198.51.100.53" > /etc/netns/\(g)/resolv.conf
+                mkdir -p /etc/netns/\(a) && echo "nameserver 198.51.100.53" > /etc/netns/\(a)/resolv.conf
+                ip -n \(a) route add 169.254.169.254/32 via 198.51.100.2
+                ip -n \(i) addr add 169.254.169.254/32 dev lo && ip -n \(i) addr add \(Self.attackerResolver)/32 dev lo
+                ip -n \(i) addr add \(Self.attackerResolverV6)/128 dev \(id)-i1 nodad
                 """)
             // dnsmasq daemonizes (and closes every inherited descriptor, which confuses
             // Foundation's Process if it is our direct child); close() kills it by namespace.
@@ -122,6 +126,7 @@ final class ProxyHarness: @unchecked Sendable {
                 "ip netns exec \(i) dnsmasq --no-resolv --no-hosts --listen-address=198.51.100.53 --bind-interfaces --port=53 "
                     + "--local-ttl=300 --address=/api.example.test/203.0.113.10 --address=/other.example.test/203.0.113.11 "
                     + "--address=/rebind.example.test/10.9.9.9 --address=/private.example.test/192.168.77.7 --address=/v6.example.test/2001:db8:113::10 "
+                    + "--address=/ip-only.example.test/203.0.113.12 --address=/cdn.example.test/203.0.113.12 "
                     + "--pid-file=\(directory)/dnsmasq.pid")
             usleep(300_000)
         }
@@ -188,6 +193,98 @@ final class ProxyHarness: @unchecked Sendable {
         try waitFor(file: ready, containing: "ready")
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         return log
+    }
+
+    // MARK: - Attackers (appliance and launcher modes)
+
+    /// Where the guest's attacker runs its own resolver, in the internet namespace.
+    static let attackerResolver = "198.51.100.66"
+    static let attackerResolverV6 = "2001:db8:100::66"
+
+    /// Starts the attacker's resolver (a second dnsmasq on `attackerResolver` and
+    /// `attackerResolverV6`): each domain in `answers` (and its subdomains) resolves to the
+    /// attacker's address. close() ends it with everything else in the namespace.
+    func startAttackerResolver(answers: [String: String] = ["api.example.test": "203.0.113.12", "cdn.example.test": "203.0.113.12"]) throws {
+        precondition(mode != .redirect, "the attacker's resolver lives in the internet namespace")
+        let addresses = answers.keys.sorted().map { "--address=/\($0)/\(answers[$0]!)" }.joined(separator: " ")
+        try sh(
+            "ip netns exec \(internetNamespace) dnsmasq --no-resolv --no-hosts --listen-address=\(Self.attackerResolver) "
+                + "--listen-address=\(Self.attackerResolverV6) --bind-interfaces --port=53 --local-ttl=300 \(addresses) "
+                + "--pid-file=\(directory)/dnsmasq-attacker.pid")
+        usleep(300_000)
+    }
+
+    /// Issues a certificate from the test upstream CA with exactly `subjectAltName` (an
+    /// openssl SAN list, such as `IP:203.0.113.12` or `DNS:*.cdn.example.test`); returns the
+    /// name to pass as `cert` to `upstream`.
+    @discardableResult
+    func issueCertificate(_ name: String, subjectAltName: String, commonName: String? = nil) throws -> String {
+        try sh(
+            """
+            cd \(directory) && openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout \(name).key -out \(name).csr -subj "/CN=\(commonName ?? name)" 2>/dev/null
+            printf "subjectAltName=\(subjectAltName)\\nextendedKeyUsage=serverAuth\\n" > \(name).ext
+            openssl x509 -req -in \(name).csr -CA upca.pem -CAkey upca.key -CAcreateserial -out \(name).pem -days 2 -extfile \(name).ext 2>/dev/null
+            """)
+        return name
+    }
+
+    /// A certificate chaining to the test upstream CA that names only `ip` (an iPAddress
+    /// SAN, no dNSName), as an attacker who controls that address can get one.
+    func ipOnlyCertificate(for ip: String) throws -> String {
+        try issueCertificate("ip-" + ip, subjectAltName: "IP:" + ip, commonName: ip)
+    }
+
+    /// Starts a service that must stay unreachable (Fixtures/tcp_listener.py) in `namespace`
+    /// (the internet's by default): every accepted connection, read and datagram becomes a
+    /// JSON line in the returned log (`event` accept, data or datagram). With `http` it
+    /// answers a request head with 200 and `body`.
+    @discardableResult
+    func listener(_ ip: String, port: Int, in namespace: String? = nil, udp: Bool = false, http: Bool = false, body: String? = nil) throws -> String {
+        let name = "listener-\(ip)-\(port)\(udp ? "-udp" : "")"
+        let log = "\(directory)/\(name).log"
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        var arguments = ["netns", "exec", namespace ?? internetNamespace, "python3", Self.fixture("tcp_listener.py"),
+                         "--bind", ip, "--port", String(port), "--log", log]
+        if udp { arguments.append("--udp") }
+        if http { arguments.append("--http") }
+        if let body { arguments += ["--body", body] }
+        let ready = "\(directory)/\(name).ready"
+        let process = try spawn("/usr/sbin/ip", arguments, stdout: ready)
+        processes.append(process)
+        try waitFor(file: ready, containing: "ready")
+        return log
+    }
+
+    static func fixture(_ name: String) -> String { CLI.root + "/Tests/keyholeTests/Fixtures/" + name }
+
+    /// The guest asks `server` directly (Fixtures/dnsquery.py): the answer's addresses, one a
+    /// line, on stdout; status 1 for an answer without addresses, 2 for no answer.
+    func dnsQuery(_ name: String, server: String, type: String = "A", tcp: Bool = false, timeout: Int = 3) throws -> CLI.Result {
+        try guest(
+            "python3 \(shellQuote(Self.fixture("dnsquery.py"))) --server \(server) --name \(shellQuote(name)) --type \(type) --timeout \(timeout)"
+                + (tcp ? " --tcp" : ""))
+    }
+
+    /// Points the guest's /etc/resolv.conf (for commands started from now on) at `address`.
+    func setGuestResolver(_ address: String) throws {
+        try "nameserver \(address)\n".write(toFile: "/etc/netns/\(namespace)/resolv.conf", atomically: true, encoding: .utf8)
+    }
+
+    /// The guest sends exact request bytes on one connection (Fixtures/exchange.py), over
+    /// TLS with `sni` unless `tls` is false; one output line per request: "response <status
+    /// line> <body>", or how the connection ended ("reset", "closed", "ssl-error …"). The
+    /// chain is verified against the sandbox CA unless `verify` is false; the name never is
+    /// (it may be an invalid host name on purpose).
+    func exchange(ip: String, port: Int, tls: Bool = true, sni: String? = nil, verify: Bool = true, requests: [String]) throws -> CLI.Result {
+        var command = "python3 \(shellQuote(Self.fixture("exchange.py"))) --ip \(ip) --port \(port)"
+        if tls {
+            command += " --tls" + (verify ? " --cafile \(stateDirectory)/ca.pem" : " --insecure")
+            if let sni { command += " --sni \(shellQuote(sni))" }
+        }
+        for request in requests {
+            command += " --request " + request.utf8.map { String(format: "%02x", $0) }.joined()
+        }
+        return try guest(command)
     }
 
     /// Writes the policy (with `{{DIR}}` replaced) and starts `keyhole proxy`: with --listen
