@@ -374,6 +374,10 @@ struct RewriterCore {
             case .error(let error):
                 fail(error, &output)
             case .complete(let length):
+                guard length <= limit else {
+                    fail(.headerBlockTooLarge, &output)
+                    return
+                }
                 // Give back what followed the head.
                 let used = length - previousCount
                 input.moveReaderIndex(forwardBy: used)
@@ -457,6 +461,9 @@ struct RewriterCore {
             return
         }
 
+        // A body is a site of its own: what the previous request's body ended with is no
+        // token boundary for a placeholder at the start of this one.
+        scanner.startSite()
         if head.chunked {
             emitHead(&output)
             chunkLine.removeAll(keepingCapacity: true)
@@ -920,6 +927,7 @@ struct RewriterCore {
 
     private mutating func consumeTrailers(_ input: inout ByteBuffer, _ output: inout RewriteOutput) {
         var trailers = trailerBuffer ?? allocator.buffer(capacity: 64)
+        trailerBuffer = nil  // one owner, so appending does not copy what came before
         // Copy until the trailer block ends (an empty line); trailers are small and rare.
         var end: Int?
         while let byte = input.readInteger(as: UInt8.self) {

@@ -32,6 +32,11 @@ struct StreamScanner {
 
     var pendingByteCount: Int { pending.reduce(0) { $0 + $1.readableBytes } }
 
+    /// A new site starts (a request body): the byte before it is no token boundary.
+    mutating func startSite() {
+        previous = nil
+    }
+
     mutating func append(_ buffer: ByteBuffer) {
         if buffer.readableBytes > 0 { pending.append(buffer) }
     }

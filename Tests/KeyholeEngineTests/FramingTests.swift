@@ -46,9 +46,42 @@ struct FramingTests {
             #expect(run.framingErrors == [.headerBlockTooLarge])
             #expect(run.bytes.isEmpty)
         }
+        // The limit is exact, however the head is split: 65,536 bytes pass, 65,537 do not.
+        func head(length: Int) -> String {
+            let start = "GET / HTTP/1.1\r\nHost: api.example.com\r\nX: "
+            return start + String(repeating: "b", count: length - start.utf8.count - 4) + "\r\n\r\n"
+        }
+        for chunk in [nil, 1, 1000, 65_535, 65_536] as [Int?] {
+            #expect(rewrite(head(length: 65_536), chunk: chunk).bytes.count == 65_536, "chunk \(chunk ?? 0)")
+            #expect(rewrite(head(length: 65_537), chunk: chunk).framingErrors == [.headerBlockTooLarge], "chunk \(chunk ?? 0)")
+        }
         // A head that never ends is refused once it passes the limit: no unbounded buffering.
         let endless = rewrite("GET / HTTP/1.1\r\nX: " + big, chunk: 1000, finish: false)
         #expect(endless.framingErrors == [.headerBlockTooLarge])
+    }
+
+    @Test func trailersThatDripInAreReassembled() {
+        // 60 KiB of trailers a byte at a time (the trailer buffer has one owner while it
+        // grows, so this is linear; bench measures it).
+        let trailer = "X-T: " + String(repeating: "t", count: 60_000) + "\r\n\r\n"
+        let input = "POST / HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n" + trailer
+        let run = rewrite(input, chunk: 1)
+        #expect(run.framingErrors.isEmpty)
+        #expect(run.text.hasSuffix(trailer))
+    }
+
+    @Test func aBodyStartsAtATokenBoundaryWhateverThePreviousBodyEndedWith() {
+        // `PH_TOKEN` starts with a token character; the first body ends with one.
+        let custom = secret("TOKEN", value: "real", inject: Injection(body: true), placeholder: "PH_TOKEN")
+        let first = "POST /a HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 3\r\n\r\nabc"
+        let second = "POST /b HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 8\r\n\r\nPH_TOKEN"
+        for chunk in [nil, 1, 7] as [Int?] {
+            let run = rewrite(first + second, secrets: [custom], chunk: chunk)
+            #expect(run.text.hasSuffix("Content-Length: 4\r\n\r\nreal"), "chunk \(chunk ?? 0): \(run.text)")
+        }
+        // Chunked too.
+        let chunked = "POST /c HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\n\r\n8\r\nPH_TOKEN\r\n0\r\n\r\n"
+        #expect(rewrite(first + chunked, secrets: [custom]).text.contains("\r\nreal\r\n"))
     }
 
     @Test func bodyLargerThanTheSubstitutionLimitIsRejectedNotSentWithAWrongLength() {
