@@ -117,7 +117,10 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        .testTarget(name: "KeyholeProxyTests", dependencies: ["KeyholeProxy"], swiftSettings: strict),
+        .testTarget(
+            name: "KeyholeProxyTests",
+            dependencies: ["KeyholeProxy", .product(name: "NIOEmbedded", package: "swift-nio")],
+            swiftSettings: strict),
         .testTarget(name: "KeyholeNetfilterTests", dependencies: ["KeyholeNetfilter"], swiftSettings: strict),
         .testTarget(
             name: "KeyholeLauncherTests",

@@ -42,8 +42,14 @@ public struct RewriterConfiguration: Sendable, Hashable {
     /// Longest stretch of one chunk re-emitted as a single chunk (bounds memory when a
     /// client sends huge chunks).
     public var chunkSegment: Int
+    /// Most bytes held after an upgrade request until the upstream's answer decides it.
+    public var maxUpgradeHold: Int
 
-    public init(maxHeaderBlock: Int = 64 * 1024, maxHeldBody: Int = 64 * 1024 * 1024, maxTrailers: Int = 64 * 1024, chunkSegment: Int = 64 * 1024) {
+    public init(
+        maxHeaderBlock: Int = 64 * 1024, maxHeldBody: Int = 64 * 1024 * 1024, maxTrailers: Int = 64 * 1024, chunkSegment: Int = 64 * 1024,
+        maxUpgradeHold: Int = 1024 * 1024
+    ) {
+        self.maxUpgradeHold = maxUpgradeHold
         self.maxHeaderBlock = maxHeaderBlock
         self.maxHeldBody = maxHeldBody
         self.maxTrailers = maxTrailers
@@ -134,6 +140,13 @@ public final class RequestRewriter {
         core.upgradeDeclined(into: &output)
     }
 
+    /// While the status is `awaitingUpgradeDecision`: what to read the upstream's answer
+    /// with (the held request's `Upgrade` protocols, or CONNECT).
+    public var pendingUpgrade: UpgradeDecision? { core.pendingUpgrade }
+
+    /// Bytes the guest sent after the upgrade request, held until the decision.
+    public var heldUpgradeBytes: Int { core.upgradeHeldBytes }
+
     public enum Mode: Sendable {
         /// Parse HTTP/1.x requests.
         case http
@@ -203,6 +216,8 @@ struct RewriterCore {
     var trailerBuffer: ByteBuffer?
     // Upgrade.
     var upgradeHeld: [ByteBuffer] = []
+    var upgradeHeldBytes = 0
+    var pendingUpgrade: UpgradeDecision?
     let allocator = ByteBufferAllocator()
 
     init(identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration, mode: Mode) {
@@ -254,6 +269,14 @@ struct RewriterCore {
             case .blocked:
                 return
             case .awaitingUpgrade:
+                // The proxy stops reading while it waits; this bounds what a guest can make
+                // it hold if it does not.
+                upgradeHeldBytes += input.readableBytes
+                guard upgradeHeldBytes <= configuration.maxUpgradeHold else {
+                    upgradeHeld = []
+                    fail(.upgradeHoldExceeded, &output)
+                    return
+                }
                 upgradeHeld.append(input)
                 return
             case .head:
@@ -335,6 +358,8 @@ struct RewriterCore {
     private mutating func replayUpgradeHeld(_ output: inout RewriteOutput) {
         let held = upgradeHeld
         upgradeHeld = []
+        upgradeHeldBytes = 0
+        pendingUpgrade = nil
         for buffer in held { consume(buffer, into: &output) }
     }
 
@@ -499,6 +524,15 @@ struct RewriterCore {
     private mutating func finishRequest(_ output: inout RewriteOutput) {
         if case .blocked = state { return }
         state = (head.upgrade || head.isConnect) ? .awaitingUpgrade : .head
+        if case .awaitingUpgrade = state {
+            var protocols: String?
+            headBuffer.withUnsafeReadableBytes { b in
+                if let field = head.fields.first(where: { $0.kind == .upgrade }) {
+                    protocols = String(decoding: UnsafeRawBufferPointer(rebasing: b[field.value]), as: UTF8.self)
+                }
+            }
+            pendingUpgrade = UpgradeDecision(upgrade: protocols, connect: head.isConnect)
+        }
         if case .head = state {
             // Nothing refers to this request any more: let go of its input, so the buffer the
             // next read lands in (NIOSSL reuses one) is not shared and need not be copied.

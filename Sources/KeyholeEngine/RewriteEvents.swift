@@ -123,6 +123,7 @@ public enum FramingError: String, Sendable, Hashable, Error {
     case missingHost = "missing-host"
     case duplicateHost = "duplicate-host"
     case invalidHost = "invalid-host"
+    case upgradeHoldExceeded = "upgrade-hold-exceeded"
 
     public var explanation: String {
         switch self {
@@ -147,6 +148,7 @@ public enum FramingError: String, Sendable, Hashable, Error {
         case .incompleteRequest: return "the connection ended in the middle of a request"
         case .missingHost: return "the request has no Host header"
         case .duplicateHost: return "the request has more than one Host header"
+        case .upgradeHoldExceeded: return "more bytes after an upgrade request than are held until the upstream answers it"
         case .invalidHost: return "the Host header or the target's authority is not a plain host[:port] (brackets only around an IPv6 address)"
         }
     }

@@ -44,22 +44,26 @@ public struct ApplianceRules: Sendable, Equatable {
     /// address: IPv4-mapped, NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`) of each range
     /// above, and local-use NAT64.
     static let internalV6: [String] = {
-        var networks = ["::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8", "100::/64", "::ffff:0:0/96", "64:ff9b:1::/48"]
+        var networks = [
+            "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8", "100::/64", "::ffff:0:0/96", "64:ff9b:1::/48", "2001::/32",
+        ]
         for text in internalV4 { networks += translatedForms(of: IPNetwork(text)!) }
         return networks
     }()
 
     /// The IPv6 networks through which translators reach an IPv4 network: NAT64
-    /// (`64:ff9b::/96`), 6to4 (`2002::/16`) and IPv4-compatible (`::a.b.c.d`).
+    /// (`64:ff9b::/96`), SIIT (`::ffff:0:0:0/96`), 6to4 (`2002::/16`) and IPv4-compatible
+    /// (`::a.b.c.d`).
     static func translatedForms(of network: IPNetwork) -> [String] {
         let v4 = network.address.bytes
         let zeros = { (count: Int) in [UInt8](repeating: 0, count: count) }
         let nat64 = IPAddress(v6Bytes: [0, 0x64, 0xFF, 0x9B] + zeros(8) + v4)
         let sixToFour = IPAddress(v6Bytes: [0x20, 0x02] + v4 + zeros(10))
         let compatible = IPAddress(v6Bytes: zeros(12) + v4)
+        let translated = IPAddress(v6Bytes: zeros(8) + [0xFF, 0xFF, 0, 0] + v4)
         return [
             "\(nat64)/\(96 + network.prefixLength)", "\(sixToFour)/\(16 + network.prefixLength)",
-            "\(compatible)/\(96 + network.prefixLength)",
+            "\(compatible)/\(96 + network.prefixLength)", "\(translated)/\(96 + network.prefixLength)",
         ]
     }
 

@@ -36,7 +36,9 @@ extension EgressPolicy {
         case .none:
             return .denied(rule: "default none")
         case .public:
-            if applianceAddresses.contains(address) { return .denied(rule: "default public (the appliance's own address)") }
+            if applianceAddresses.contains(address) || address.embeddedIPv4.map(applianceAddresses.contains) == true {
+                return .denied(rule: "default public (the appliance's own address)")
+            }
             if !address.isPublic { return .denied(rule: "default public (\(address.scope.rawValue) address)") }
             return .allowed
         }

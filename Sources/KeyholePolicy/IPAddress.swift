@@ -96,11 +96,13 @@ public enum IPAddress: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// The IPv4 address inside an IPv6 address that translators route to it: the
-    /// well-known NAT64 prefix `64:ff9b::/96`, 6to4 `2002::/16`, and the deprecated
-    /// IPv4-compatible `::a.b.c.d`. (IPv4-mapped addresses are `unmapped`.)
+    /// well-known NAT64 prefix `64:ff9b::/96`, SIIT `::ffff:0:0/96`, 6to4 `2002::/16`, and
+    /// the deprecated IPv4-compatible `::a.b.c.d`. (IPv4-mapped addresses are `unmapped`.)
     public var embeddedIPv4: IPAddress? {
         guard case .v6(let high, let low) = self else { return nil }
         if high == 0x0064_FF9B_0000_0000, low >> 32 == 0 { return .v4(UInt32(truncatingIfNeeded: low)) }
+        // IPv4-translated (SIIT, RFC 2765): ::ffff:0:a.b.c.d
+        if high == 0, low >> 32 == 0xFFFF_0000 { return .v4(UInt32(truncatingIfNeeded: low)) }
         if high >> 48 == 0x2002 { return .v4(UInt32(truncatingIfNeeded: high >> 16)) }
         if high == 0, low >> 32 == 0, low > 1 { return .v4(UInt32(truncatingIfNeeded: low)) }
         return nil
@@ -120,6 +122,8 @@ public enum IPAddress: Sendable, Hashable, CustomStringConvertible {
         ("ff00::/8", .multicast), ("100::/64", .reserved),
         // Local-use NAT64 (RFC 8215): its embedding is the operator's choice, so it is never public.
         ("64:ff9b:1::/48", .reserved),
+        // Teredo: the IPv4 address inside is obfuscated, so it is never public either.
+        ("2001::/32", .reserved),
     ] as [(String, Scope)]).map { (IPNetwork($0.0)!, $0.1) }
 }
 

@@ -30,7 +30,7 @@ struct RulesetTests {
         #expect(script.contains("iifname \"tap-worker\" meta nfproto ipv4 ip saddr != 0.0.0.0 fib saddr . iif oif missing drop"))
         #expect(script.contains("iifname \"tap-worker\" meta nfproto ipv6 ip6 saddr != :: fib saddr . iif oif missing drop"))
         // Deny rules cover the IPv6 forms of a denied IPv4 network.
-        #expect(script.contains("ip6 daddr { 64:ff9b::cb00:7109/128, 2002:cb00:7109::/48, ::203.0.113.9/128 } drop"))
+        #expect(script.contains("ip6 daddr { 64:ff9b::cb00:7109/128, 2002:cb00:7109::/48, ::203.0.113.9/128, ::ffff:0:cb00:7109/128 } drop"))
         #expect(!rules.queueInstallCommands().joined().joined().contains("bypass"), "the queue must fail closed")
     }
 

@@ -18,6 +18,10 @@ struct EgressDecisionTests {
         "::1", "fe80::1", "fd00:ec2::254", "ff02::1", "::",
         // IPv6 forms of denied IPv4: mapped, NAT64, 6to4, IPv4-compatible, local-use NAT64
         "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "64:ff9b::c0a8:4d07", "2002:a9fe:a9fe::1", "::a9fe:a9fe", "64:ff9b:1::1",
+        "::ffff:0:a9fe:a9fe",  // SIIT
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  // Teredo (the IPv4 inside is obfuscated)
+        // Translated forms of the appliance's own public address.
+        "64:ff9b::c633:6401", "2002:c633:6401::1",
     ])
     func publicDeniesEveryInternalAddressAndTheApplianceItself(_ address: String) {
         #expect(denied(address), "\(address)")

@@ -239,7 +239,9 @@ final class ProxyHarness: @unchecked Sendable {
     /// JSON line in the returned log (`event` accept, data or datagram). With `http` it
     /// answers a request head with 200 and `body`.
     @discardableResult
-    func listener(_ ip: String, port: Int, in namespace: String? = nil, udp: Bool = false, http: Bool = false, body: String? = nil) throws -> String {
+    func listener(
+        _ ip: String, port: Int, in namespace: String? = nil, udp: Bool = false, http: Bool = false, body: String? = nil, extra: [String] = []
+    ) throws -> String {
         let name = "listener-\(ip)-\(port)\(udp ? "-udp" : "")"
         let log = "\(directory)/\(name).log"
         _ = FileManager.default.createFile(atPath: log, contents: nil)
@@ -248,6 +250,7 @@ final class ProxyHarness: @unchecked Sendable {
         if udp { arguments.append("--udp") }
         if http { arguments.append("--http") }
         if let body { arguments += ["--body", body] }
+        arguments += extra
         let ready = "\(directory)/\(name).ready"
         let process = try spawn("/usr/sbin/ip", arguments, stdout: ready)
         processes.append(process)

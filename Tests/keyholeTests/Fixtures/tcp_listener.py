@@ -4,8 +4,10 @@
 Each accepted TCP connection becomes a JSON line {"event": "accept", "peer": ...} in --log
 the moment it is accepted, and every read {"event": "data", "peer": ..., "data": ...}.
 With --udp it records each datagram as {"event": "datagram", ...} instead. With --http it
-answers a request head with 200 and --body (a metadata-like service); otherwise it answers
-nothing. Prints "ready" once it listens.
+answers a request head with 200 and --body (a metadata-like service); with --banner it
+speaks first (SMTP-style) and echoes nothing; with --silent it reads and never answers,
+logging only how much it got when the peer closes; otherwise it answers nothing. Prints
+"ready" once it listens.
 """
 import argparse, json, socket, threading
 
@@ -17,6 +19,8 @@ def main():
     p.add_argument("--udp", action="store_true")
     p.add_argument("--http", action="store_true")
     p.add_argument("--body", default="listener-private-data")
+    p.add_argument("--banner")
+    p.add_argument("--silent", action="store_true")
     args = p.parse_args()
     lock = threading.Lock()
 
@@ -41,14 +45,22 @@ def main():
     srv.listen(64)
 
     def handle(conn, peer):
-        conn.settimeout(30)
+        conn.settimeout(120)
         name = "%s:%d" % peer[:2]
         received = b""
+        total = 0
         try:
+            if args.banner:
+                conn.sendall(args.banner.encode() + b"\r\n")
             while True:
                 data = conn.recv(65536)
                 if not data:
+                    if args.silent:
+                        record(event="closed", peer=name, received=total)
                     return
+                total += len(data)
+                if args.silent:
+                    continue
                 record(event="data", peer=name, data=data.decode("latin-1"))
                 received += data
                 if args.http and b"\r\n\r\n" in received:

@@ -1,0 +1,33 @@
+import NIOCore
+import NIOPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// First in every guest pipeline. Closing through it bypasses TLS, so a reset is a reset
+/// (SO_LINGER 0: RST, not FIN) and no close_notify is sent.
+final class ResetHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+}
+
+@available(*, unavailable)
+extension ResetHandler: Sendable {}
+
+extension Channel {
+    /// RST the connection: nothing more is sent, the peer sees "connection reset".
+    func reset() {
+        eventLoop.assertInEventLoop()
+        let channel = self
+        let linger = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0))
+            ?? eventLoop.makeSucceededVoidFuture()
+        linger.assumeIsolated().whenComplete { _ in
+            if let context = try? channel.pipeline.syncOperations.context(handlerType: ResetHandler.self) {
+                context.close(promise: nil)
+            } else {
+                channel.close(promise: nil)
+            }
+        }
+    }
+}

@@ -1,0 +1,378 @@
+import KeyholeEngine
+import KeyholePolicy
+import KeyholeTLS
+import NIOCore
+import NIOPosix
+import NIOSSL
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One guest connection and its upstream: confined to one event loop. Connects upstream as
+/// soon as the destination is known, builds the pipelines for what the first flight says
+/// (`setUp`), then carries bytes through the engine (`fromGuest`) and back (`fromUpstream`),
+/// deciding upgrades from the upstream's response head.
+final class Session {
+    let id: UInt64
+    let shared: ProxyShared
+    let guest: any Channel
+    let destination: SocketAddress
+    let destinationIP: IPAddress?
+    let policy: Policy
+    var upstream: (any Channel)?
+    var rewriter: RequestRewriter?
+    var serverName: String?
+    /// The host name the upstream's certificate was verified for (a dNSName SAN matching
+    /// the SNI, on a chain to a trusted root); nil until then, and for flows with no name.
+    var verifiedName: String?
+    var output = RewriteOutput()
+    var finished = false
+    /// Set while a request head is partly received; fires the slowloris defence.
+    var headDeadline: Scheduled<Void>?
+    var requestsCounted = 0
+    /// While an upgrade request waits for the upstream's answer: reads its response head.
+    var upgradeDecision: UpgradeDecision?
+
+    init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy) {
+        self.id = id
+        self.shared = shared
+        self.guest = guest
+        self.destination = destination
+        self.destinationIP = destination.keyholeIP
+        self.policy = policy
+    }
+
+    var destinationText: String { "\(destinationIP?.description ?? "?"):\(destination.port ?? 0)" }
+
+    func record(_ level: AuditRecord.Level, _ event: String, reason: String? = nil, action: String? = nil, detail: String? = nil) {
+        shared.audit.write(
+            AuditRecord(
+                level: level, event: event, sandbox: policy.name, connection: id, reason: reason, action: action, sni: serverName,
+                destination: destinationText, detail: detail))
+    }
+
+    // MARK: Setup
+
+    /// Connects to the original destination (TCP). Until `setUp` is done, what the upstream
+    /// sends is held by an `UpstreamHoldHandler`, which tells `firstFlight` it spoke.
+    func connectUpstream(firstFlight: FirstFlightHandler) -> EventLoopFuture<Void> {
+        var bootstrap = ClientBootstrap(group: guest.eventLoop)
+            .connectTimeout(shared.configuration.connectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        if let mark = shared.configuration.upstreamMark {
+            bootstrap = bootstrap.channelOption(
+                ChannelOptions.Types.SocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(36)),  // SO_MARK
+                value: SocketOptionValue(Int32(bitPattern: mark)))
+        }
+        let loopFirstFlight = NIOLoopBound(firstFlight, eventLoop: guest.eventLoop)
+        bootstrap = bootstrap.channelInitializer { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(UpstreamHoldHandler(onFirstBytes: { loopFirstFlight.value.upstreamSpoke() }))
+            }
+        }
+        return bootstrap.connect(to: destination).assumeIsolated().map { channel -> Void in
+            if self.finished || !self.guest.isActive {
+                channel.close(promise: nil)
+                return
+            }
+            self.upstream = channel
+        }.flatMapErrorThrowing { error in
+            self.shared.metrics.upstreamConnectFailures.increment()
+            self.record(.warn, "upstream-connect-failed", detail: "\(error)")
+            throw error
+        }.nonisolated()
+    }
+
+    /// Builds the rest of both pipelines for `kind` (the upstream is connected).
+    func setUp(kind: FirstFlightStateMachine.Kind, context: ChannelHandlerContext) -> EventLoopFuture<Void> {
+        let loop = guest.eventLoop
+        guard let upstream, !finished else { return loop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+        let handlerContext = NIOLoopBound(context, eventLoop: loop)
+        switch kind {
+        case .tls(let name):
+            serverName = name.map { HostName.normalize($0) }
+            if let name = serverName, policy.network.tlsBypass.allows(name) {
+                shared.metrics.connectionsBypass.increment()
+                return finishSetup(relayOnly: true, guestTLS: nil, context: context)
+            }
+            shared.metrics.connectionsTLS.increment()
+            let name = serverName ?? destinationIP?.description ?? "unknown"
+            return startUpstreamTLS(on: upstream).assumeIsolated()
+                .flatMap { () -> EventLoopFuture<NIOSSLContext> in
+                    let cached = self.shared.tls.hasCachedContext(for: name)
+                    if cached { self.shared.metrics.leafCacheHits.increment() } else { self.shared.metrics.leafCacheMisses.increment() }
+                    let tls = self.shared.tls
+                    // Forging signs a certificate: keep it off the event loop.
+                    return self.shared.threadPool.runIfActive(eventLoop: loop) { try tls.serverContext(for: name) }
+                }
+                .flatMap { serverContext in
+                    self.finishSetup(relayOnly: false, guestTLS: serverContext, context: handlerContext.value)
+                }.nonisolated()
+        case .http:
+            shared.metrics.connectionsHTTP.increment()
+            return finishSetup(relayOnly: false, guestTLS: nil, context: context)
+        case .opaque:
+            shared.metrics.connectionsOpaque.increment()
+            return finishSetup(relayOnly: false, guestTLS: nil, context: context, opaque: true)
+        }
+    }
+
+    /// Completes a verified TLS handshake with SNI = the guest's server name, then checks
+    /// that the certificate names it as a DNS name.
+    private func startUpstreamTLS(on upstream: any Channel) -> EventLoopFuture<Void> {
+        // Only a valid host name is a name: anything else is sent as no SNI, and the flow
+        // has no verified name (no secret can flow on it).
+        let hostname = serverName.flatMap { HostName.problem(with: $0) == nil ? $0 : nil }
+        let handshake = upstream.eventLoop.makePromise(of: Void.self)
+        let client: NIOSSLClientHandler
+        do {
+            client = try NIOSSLClientHandler(context: shared.tls.upstreamContext, serverHostname: hostname)
+            let pipeline = upstream.pipeline.syncOperations
+            try pipeline.addHandler(client, position: .first)
+            try pipeline.addHandler(HandshakeWatcher(promise: handshake), position: .after(client))
+        } catch {
+            return upstream.eventLoop.makeFailedFuture(error)
+        }
+        return handshake.futureResult.assumeIsolated().flatMapThrowing { () -> Void in
+            // The chain verified (NIOSSL, against the trust roots). The name is ours to
+            // check: a dNSName SAN matching the SNI, never an iPAddress SAN.
+            guard let hostname else { return }
+            let problem: String
+            if let der = try? client.peerCertificate?.toDERBytes() {
+                guard let found = UpstreamName.problem(certificateDER: der, name: hostname) else {
+                    self.verifiedName = hostname
+                    return
+                }
+                problem = found
+            } else {
+                problem = "the upstream presented no certificate"
+            }
+            throw UpstreamNameNotVerified(reason: problem)
+        }.flatMapErrorThrowing { error in
+            self.shared.metrics.upstreamVerifyFailures.increment()
+            if let unverified = error as? UpstreamNameNotVerified {
+                self.record(.warn, "upstream-tls-failed", reason: "name-not-verified", detail: unverified.reason)
+            } else {
+                self.record(.warn, "upstream-tls-failed", reason: "upstream certificate or handshake rejected", detail: "\(error)")
+            }
+            throw error
+        }.nonisolated()
+    }
+
+    private func finishSetup(
+        relayOnly: Bool, guestTLS: NIOSSLContext?, context: ChannelHandlerContext, opaque: Bool = false
+    ) -> EventLoopFuture<Void> {
+        guard let upstream, guest.isActive, !finished else { return guest.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+        do {
+            let guestPipeline = guest.pipeline.syncOperations
+            let upstreamPipeline = upstream.pipeline.syncOperations
+            if !relayOnly {
+                if let guestTLS {
+                    try guestPipeline.addHandler(NIOSSLServerHandler(context: guestTLS), position: .after(context.handler))
+                }
+                rewriter = RequestRewriter(identity: makeIdentity(tls: guestTLS != nil), secrets: policy.secrets, mode: opaque ? .opaque : .http)
+            }
+            try guestPipeline.addHandler(GuestSideHandler(session: self), position: .last)
+            if let watcher = try? upstreamPipeline.handler(type: HandshakeWatcher.self) {
+                upstreamPipeline.removeHandler(watcher, promise: nil)
+            }
+            try upstreamPipeline.addHandler(UpstreamSideHandler(session: self))
+            try guestPipeline.addHandler(IdleStateHandler(allTimeout: shared.configuration.idleTimeout), position: .first)
+            // What the upstream sent meanwhile (a banner) goes on to the guest now.
+            let hold = try upstreamPipeline.handler(type: UpstreamHoldHandler.self)
+            hold.release()
+        } catch {
+            return guest.eventLoop.makeFailedFuture(error)
+        }
+        return guest.eventLoop.makeSucceededVoidFuture()
+    }
+
+    private func makeIdentity(tls: Bool) -> ConnectionIdentity {
+        guard let destinationIP else { return ConnectionIdentity(sni: nil, dnsPinnedNames: [], upstreamVerified: false) }
+        if tls {
+            let name = serverName ?? destinationIP.description
+            let pinned = serverName.map { shared.dns.isPinned(name: $0, address: destinationIP) } ?? false
+            // Verified means: this very name was checked against the upstream's certificate.
+            return ConnectionIdentity(
+                sni: name, dnsPinnedNames: pinned ? [name] : [], upstreamVerified: verifiedName != nil && verifiedName == serverName)
+        }
+        return ConnectionIdentity(sni: nil, dnsPinnedNames: Set(shared.dns.names(for: destinationIP)), upstreamVerified: false)
+    }
+
+    // MARK: Data
+
+    func fromGuest(_ buffer: ByteBuffer) {
+        guard let upstream, !finished else { return }
+        guard let rewriter else {
+            // TLS bypass: relay untouched.
+            shared.metrics.bytesUpstream.increment(by: Int64(buffer.readableBytes))
+            upstream.writeAndFlush(buffer, promise: nil)
+            return
+        }
+        rewriter.consume(buffer, into: &output)
+        deliver(rewriter)
+        watchHead(rewriter)
+    }
+
+    /// A head that started arriving must finish within `headTimeout`, however slowly the
+    /// bytes drip in.
+    private func watchHead(_ rewriter: RequestRewriter) {
+        guard !finished else { return }
+        if rewriter.isReadingHead {
+            guard headDeadline == nil else { return }
+            let loopSelf = NIOLoopBound(self, eventLoop: guest.eventLoop)
+            headDeadline = guest.eventLoop.scheduleTask(in: shared.configuration.headTimeout) {
+                let session = loopSelf.value
+                session.headDeadline = nil
+                guard !session.finished, session.rewriter?.isReadingHead == true else { return }
+                session.record(.warn, "slow-request-head", reason: "request head not complete in time", action: "reset")
+                session.abort()
+            }
+        } else {
+            headDeadline?.cancel()
+            headDeadline = nil
+        }
+    }
+
+    func fromUpstream(_ buffer: ByteBuffer) {
+        guard !finished else { return }
+        if let rewriter, rewriter.status == .awaitingUpgradeDecision {
+            // The upstream's answer to the upgrade request decides, read as a response head
+            // (split anywhere); its bytes go on to the guest as they are.
+            if upgradeDecision == nil { upgradeDecision = rewriter.pendingUpgrade }
+            if let outcome = upgradeDecision?.feed(buffer) {
+                upgradeDecision = nil
+                if case .accepted = outcome {
+                    rewriter.upgradeAccepted(into: &output)
+                } else {
+                    rewriter.upgradeDeclined(into: &output)
+                }
+                deliver(rewriter)
+                updateGuestReading()
+            }
+        }
+        shared.metrics.bytesDownstream.increment(by: Int64(buffer.readableBytes))
+        guest.writeAndFlush(buffer, promise: nil)
+    }
+
+    /// The guest is read while the upstream can take more and no upgrade is being decided
+    /// (what the guest sends after an upgrade request is held, so it is not read: a flood
+    /// toward a silent server stays within a read or two).
+    func updateGuestReading() {
+        guard !finished else { return }
+        let upstreamWritable = upstream?.isWritable ?? true
+        let deciding = rewriter?.status == .awaitingUpgradeDecision
+        guest.setOption(.autoRead, value: upstreamWritable && !deciding).whenFailure { _ in }
+    }
+
+    private func deliver(_ rewriter: RequestRewriter) {
+        guard let upstream else { return }
+        if output.requests > requestsCounted {
+            shared.metrics.requests.increment(by: Int64(output.requests - requestsCounted))
+            requestsCounted = output.requests
+        }
+        if !output.upstream.isEmpty {
+            var total = 0
+            for piece in output.upstream {
+                total += piece.readableBytes
+                upstream.write(piece, promise: nil)
+            }
+            upstream.flush()
+            shared.metrics.bytesUpstream.increment(by: Int64(total))
+            output.upstream.removeAll(keepingCapacity: true)
+        }
+        if output.continueToGuest {
+            output.continueToGuest = false
+            guest.writeAndFlush(ByteBuffer(string: "HTTP/1.1 100 Continue\r\n\r\n"), promise: nil)
+        }
+        if !output.events.isEmpty {
+            let events = output.events
+            output.events.removeAll(keepingCapacity: true)
+            for event in events { handle(event) }
+        }
+        switch rewriter.status {
+        case .blocked: abort()
+        case .awaitingUpgradeDecision: updateGuestReading()
+        case .open: break
+        }
+    }
+
+    private func handle(_ event: RewriteEvent) {
+        switch event {
+        case .substituted(let secret, let site, let request):
+            shared.metrics.substitution(secret: secret, site: site.rawValue)
+            shared.audit.write(
+                AuditRecord(
+                    level: .info, event: "substituted", sandbox: policy.name, connection: id, secret: secret, site: site.rawValue,
+                    sni: serverName, host: request.host, destination: destinationText, method: request.method, path: request.path))
+        case .violation(let violation):
+            let action = policy.network.onSecretViolation
+            switch action {
+            case .block: shared.metrics.violationsBlock.increment()
+            case .blockAndLog: shared.metrics.violationsLog.increment()
+            case .blockAndTerminate: shared.metrics.violationsTerminate.increment()
+            }
+            if action != .block {
+                shared.audit.write(
+                    AuditRecord(
+                        level: action == .blockAndLog ? .warn : .error, event: "violation", sandbox: policy.name, connection: id,
+                        secret: violation.secret, site: violation.site.rawValue, form: violation.form.rawValue,
+                        reason: violation.reason.rawValue, action: action.rawValue, sni: serverName, host: violation.request?.host,
+                        destination: destinationText, method: violation.request?.method, path: violation.request?.path))
+            }
+            if action == .blockAndTerminate {
+                shared.onTerminate("secret \(violation.secret) was sent to \(violation.request?.host ?? serverName ?? destinationText) (\(violation.reason.rawValue))")
+            }
+        case .hostMismatch(let request):
+            shared.metrics.hostMismatches.increment()
+            shared.audit.write(
+                AuditRecord(
+                    level: .warn, event: "host-mismatch", sandbox: policy.name, connection: id,
+                    reason: rewriter?.identity.isTLS == true ? "host-not-sni" : "authority-not-host", action: "reset",
+                    sni: serverName, host: request?.host, destination: destinationText, method: request?.method, path: request?.path,
+                    detail: "the Host header (or the target's authority) names another host than the TLS server name: domain fronting is refused"))
+        case .framingError(let error, let request):
+            shared.metrics.framingErrors.increment()
+            shared.audit.write(
+                AuditRecord(
+                    level: .warn, event: "framing-error", sandbox: policy.name, connection: id, reason: error.rawValue,
+                    action: "reset", sni: serverName, host: request?.host, destination: destinationText, method: request?.method,
+                    path: request?.path, detail: error.explanation))
+        }
+    }
+
+    /// A violation or broken framing: reset the guest, drop the upstream.
+    func abort() {
+        guard !finished else { return }
+        finished = true
+        headDeadline?.cancel()
+        upstream?.close(promise: nil)
+        guest.reset()
+    }
+
+    func guestClosed() {
+        guard !finished else { return }
+        if let rewriter {
+            rewriter.finish(into: &output)
+            deliver(rewriter)
+        }
+        finished = true
+        upstream?.close(promise: nil)
+    }
+
+    func upstreamClosed() {
+        guard !finished else { return }
+        finished = true
+        guest.close(promise: nil)
+    }
+}
+
+@available(*, unavailable)
+extension Session: Sendable {}
+
+/// The upstream's chain verified, but its certificate does not name the SNI as a DNS name.
+struct UpstreamNameNotVerified: Error, CustomStringConvertible {
+    let reason: String
+    var description: String { reason }
+}

@@ -1,0 +1,129 @@
+import NIOCore
+import Testing
+
+@testable import KeyholeProxy
+
+/// The start of a guest connection, without sockets: every transition, and the bugs the
+/// lab found (bytes read while the upstream connected were lost; banners waited 5 s).
+@Suite("First flight state machine")
+struct FirstFlightStateMachineTests {
+    typealias Machine = FirstFlightStateMachine
+
+    let clientHello: [UInt8] = {
+        // A minimal TLS 1.2 ClientHello with SNI api.example.test.
+        let name = Array("api.example.test".utf8)
+        var sni: [UInt8] = [0x00, 0x00]  // server_name extension
+        let list: [UInt8] = [0x00] + [UInt8(name.count >> 8), UInt8(name.count & 0xFF)] + name
+        let ext = [UInt8(list.count >> 8), UInt8(list.count & 0xFF)] + list
+        sni += [UInt8(ext.count >> 8), UInt8(ext.count & 0xFF)] + ext
+        var body: [UInt8] = [0x03, 0x03] + [UInt8](repeating: 7, count: 32) + [0x00]  // version, random, session id
+        body += [0x00, 0x02, 0x13, 0x01, 0x01, 0x00]  // one cipher suite, null compression
+        body += [UInt8(sni.count >> 8), UInt8(sni.count & 0xFF)] + sni
+        let handshake: [UInt8] = [0x01, 0x00, UInt8(body.count >> 8), UInt8(body.count & 0xFF)] + body
+        return [0x16, 0x03, 0x01, UInt8(handshake.count >> 8), UInt8(handshake.count & 0xFF)] + handshake
+    }()
+
+    func buffer(_ text: String) -> ByteBuffer { ByteBuffer(string: text) }
+
+    @Test func theUpstreamIsConnectedAsSoonAsTheDestinationIsKnown() {
+        var machine = Machine()
+        #expect(machine.destinationKnown() == [.connect])
+        #expect(machine.state == .connecting(kind: nil))
+    }
+
+    @Test func everyByteReadBeforeTheHandOverIsReplayedInOrder() {
+        // A plain-HTTP first flight over 2 KiB: its head in one read, the body in the next
+        // ones, some while the upstream is still connecting (the lab lost all of those).
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        let head = "POST /upload HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 3072\r\n\r\n"
+        #expect(machine.guestRead(buffer(head)) == [.stopReading])
+        #expect(machine.state == .connecting(kind: .http))
+        let body = String(repeating: "b", count: 3072)
+        #expect(machine.guestRead(buffer(String(body.prefix(2000)))) == [])  // a read already in flight
+        #expect(machine.upstreamConnected() == [.setUp(.http)])
+        #expect(machine.guestRead(buffer(String(body.dropFirst(2000)))) == [])
+        let replay = machine.setUpDone()
+        #expect(replay.map { String(buffer: $0) } == head + body)
+        #expect(machine.state == .done)
+        #expect(machine.setUpDone() == nil, "handed over once")
+    }
+
+    @Test func aClientHelloIsTLSWithItsServerName() {
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        #expect(machine.upstreamConnected() == [])
+        #expect(machine.state == .connected)
+        #expect(machine.guestRead(ByteBuffer(bytes: clientHello.prefix(20))) == [], "a partial ClientHello waits")
+        #expect(machine.guestRead(ByteBuffer(bytes: clientHello.dropFirst(20))) == [.stopReading, .setUp(.tls(serverName: "api.example.test"))])
+    }
+
+    @Test func aServerThatSpeaksFirstIsRelayedAtOnce() {
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        _ = machine.upstreamConnected()
+        #expect(machine.upstreamSpoke() == [.stopReading, .setUp(.opaque)])
+        // The guest answering the banner afterwards does not change the decision.
+        #expect(machine.guestRead(buffer("EHLO guest\r\n")) == [])
+        #expect(machine.setUpDone().map { String(buffer: $0) } == "EHLO guest\r\n")
+    }
+
+    @Test func aBannerWhileStillConnectingCannotHappenButSpeakingFirstBeforeClassificationWins() {
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        // Connected and spoke in the same instant (the connect callback comes after).
+        #expect(machine.upstreamSpoke() == [.stopReading, .setUp(.opaque)])
+        #expect(machine.upstreamConnected() == [])
+    }
+
+    @Test func silenceOnBothSidesIsOpaqueAfterTheTimeout() {
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        _ = machine.upstreamConnected()
+        #expect(machine.timeout() == [.stopReading, .setUp(.opaque)])
+        // Before the connect completes, the timeout decides and the connect then sets up.
+        var early = Machine()
+        _ = early.destinationKnown()
+        #expect(early.timeout() == [.stopReading])
+        #expect(early.upstreamConnected() == [.setUp(.opaque)])
+    }
+
+    @Test func anythingElseIsOpaqueAfterSixteenBytes() {
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        _ = machine.upstreamConnected()
+        #expect(machine.guestRead(buffer("\u{1}\u{2}binary")) == [.stopReading, .setUp(.opaque)])
+        var shortHTTP = Machine()
+        _ = shortHTTP.destinationKnown()
+        _ = shortHTTP.upstreamConnected()
+        #expect(shortHTTP.guestRead(buffer("GE")) == [], "too few bytes to tell")
+        #expect(shortHTTP.guestRead(buffer("T / HTTP/1.1\r\n")) == [.stopReading, .setUp(.http)])
+    }
+
+    @Test func bytesBeforeTheDestinationAreClassifiedOnceItIsKnown() {
+        var machine = Machine()
+        #expect(machine.guestRead(buffer("GET / HTTP/1.1\r\n")) == [])
+        #expect(machine.destinationKnown() == [.connect, .stopReading])
+        #expect(machine.upstreamConnected() == [.setUp(.http)])
+    }
+
+    @Test func theBufferIsBoundedWhileUndecided() {
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        // A TLS record header announcing a big record keeps the ClientHello "incomplete".
+        let header = ByteBuffer(bytes: [0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3F, 0xFC])
+        #expect(machine.guestRead(header) == [])
+        let actions = machine.guestRead(ByteBuffer(repeating: 0, count: Machine.maxBuffered))
+        #expect(actions == [.stopReading], "at the bound: decided, and no more reading")
+        #expect(machine.state != .connecting(kind: nil))
+    }
+
+    @Test func failuresReset() {
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        #expect(machine.upstreamFailed() == [.reset(reason: "upstream unavailable")])
+        #expect(machine.upstreamFailed() == [])
+        var never = Machine()
+        #expect(never.timeout() == [.reset(reason: "no original destination in time")])
+    }
+}
