@@ -130,9 +130,10 @@ public final class RequestRewriter {
     }
 
     /// The upstream answered the held `Upgrade`/`CONNECT` request with 101 (or 2xx for
-    /// CONNECT): from now on bytes are relayed and scanned, never substituted.
-    public func upgradeAccepted(into output: inout RewriteOutput) {
-        core.upgradeAccepted(into: &output)
+    /// CONNECT): from now on bytes are relayed and scanned, never substituted; for a
+    /// `websocket` 101, the guest's frames are parsed and their text messages substituted.
+    public func upgradeAccepted(websocket: Bool = false, into output: inout RewriteOutput) {
+        core.upgradeAccepted(websocket: websocket, into: &output)
     }
 
     /// The upstream refused the upgrade: keep parsing HTTP requests.
@@ -178,6 +179,8 @@ struct RewriterCore {
         case trailers
         case awaitingUpgrade
         case relay(Site)
+        /// After a 101 for `websocket`: the guest's frames, parsed.
+        case websocket
         case blocked
     }
 
@@ -218,6 +221,7 @@ struct RewriterCore {
     var upgradeHeld: [ByteBuffer] = []
     var upgradeHeldBytes = 0
     var pendingUpgrade: UpgradeDecision?
+    var webSocket = WebSocketStream()
     let allocator = ByteBufferAllocator()
 
     init(identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration, mode: Mode) {
@@ -317,6 +321,8 @@ struct RewriterCore {
                 scanner.append(input)
                 input.moveReaderIndex(forwardBy: input.readableBytes)
                 drainStreaming(final: false, site: site, &output)
+            case .websocket:
+                consumeWebSocket(&input, &output)
             }
         }
     }
@@ -332,6 +338,8 @@ struct RewriterCore {
             }
         case .relay(let site):
             drainStreaming(final: true, site: site, &output)
+        case .websocket:
+            finishWebSocket(&output)
         case .awaitingUpgrade:
             break
         case .streamBody:
@@ -343,9 +351,14 @@ struct RewriterCore {
         }
     }
 
-    mutating func upgradeAccepted(into output: inout RewriteOutput) {
+    mutating func upgradeAccepted(websocket: Bool, into output: inout RewriteOutput) {
         guard case .awaitingUpgrade = state else { return }
-        state = .relay(.upgraded)
+        if websocket && !head.isConnect {
+            state = .websocket
+            webSocket = WebSocketStream()
+        } else {
+            state = .relay(.upgraded)
+        }
         replayUpgradeHeld(&output)
     }
 
@@ -465,6 +478,7 @@ struct RewriterCore {
             }
             hostOK = computeRequestDenials(b)
             violation = rewriteHead(b)
+            if head.upgrade { dropWebSocketExtensions(b) }
         }
         if let parseError {
             fail(parseError, &output)
@@ -538,6 +552,16 @@ struct RewriterCore {
             // next read lands in (NIOSSL reuses one) is not shared and need not be copied.
             headBuffer = ByteBuffer()
             summary = nil
+        }
+    }
+
+    /// Keyhole reads the guest's WebSocket frames, so it offers the server no extension
+    /// (`permessage-deflate` would compress them out of its sight): the
+    /// `Sec-WebSocket-Extensions` lines of an upgrade request are dropped.
+    private mutating func dropWebSocketExtensions(_ b: UnsafeRawBufferPointer) {
+        for field in head.fields where field.name.count == 24 && RequestHead.equalsIgnoringCase(b, field.name, "sec-websocket-extensions") {
+            guard !edits.contains(where: { $0.range.overlaps(field.line) }) else { continue }
+            edits.append((field.line, ByteBuffer()))
         }
     }
 
@@ -682,13 +706,13 @@ struct RewriterCore {
     }
 
     /// Substitute (the bytes to insert) or block (the violation).
-    private mutating func decide(secret: Int, site: Site, form: PlaceholderForm) -> Decision {
+    mutating func decide(secret: Int, site: Site, form: PlaceholderForm) -> Decision {
         let inject = secrets[secret].inject
         let reason: ViolationReason?
         switch site {
         case .method, .path, .headerName, .trailer, .upgraded, .opaque:
             reason = .neverSubstituted
-        case .header, .query, .basicAuth, .body:
+        case .header, .query, .basicAuth, .body, .websocket:
             if let denial = requestDenial.isEmpty ? connectionDenial[secret] : requestDenial[secret] {
                 reason = denial
             } else {
@@ -699,6 +723,8 @@ struct RewriterCore {
                     reason = !inject.basicAuth ? .injectionDisabled : nil
                 case .query:
                     reason = !inject.query ? .injectionDisabled : (form == .jsonEscaped ? .encodedForm : nil)
+                case .websocket:
+                    reason = !inject.body ? .injectionDisabled : (form == .raw ? nil : .encodedForm)
                 default:  // body
                     if !inject.body {
                         reason = .injectionDisabled
@@ -735,11 +761,12 @@ struct RewriterCore {
         case .basicAuth: return 1
         case .query: return 2
         case .body: return 3
+        case .websocket: return 5
         default: return 4
         }
     }
 
-    private mutating func makeViolation(secret: Int, site: Site, form: PlaceholderForm, reason: ViolationReason) -> Violation {
+    mutating func makeViolation(secret: Int, site: Site, form: PlaceholderForm, reason: ViolationReason) -> Violation {
         Violation(secret: secrets[secret].env, site: site, form: form, reason: reason, request: currentSummary())
     }
 
@@ -753,7 +780,7 @@ struct RewriterCore {
         return made
     }
 
-    private mutating func flushSubstitutionEvents(_ output: inout RewriteOutput) {
+    mutating func flushSubstitutionEvents(_ output: inout RewriteOutput) {
         guard !pendingSubstitutionEvents.isEmpty else { return }
         let request = currentSummary() ?? RequestSummary(method: "", path: "", host: nil)
         for (secret, site) in pendingSubstitutionEvents {

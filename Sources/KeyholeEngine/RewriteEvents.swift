@@ -10,6 +10,8 @@ public enum Site: String, Sendable, Hashable {
     case basicAuth = "basic_auth"
     case body
     case trailer
+    /// A WebSocket message the guest sends after a `101` for `websocket`.
+    case websocket = "websocket-message"
     /// After a `101 Switching Protocols` (or a `CONNECT` tunnel): relayed and scanned.
     case upgraded = "upgraded-stream"
     /// A connection that is not HTTP: relayed and scanned.
@@ -28,6 +30,10 @@ public enum ViolationReason: String, Sendable, Hashable {
     case neverSubstituted = "site-never-substituted"
     case encodedForm = "form-not-substitutable"
     case contentEncoded = "content-encoded-body"
+    /// In a WebSocket message, split across its frames (substituted only within one frame).
+    case splitAcrossFrames = "split-across-frames"
+    /// In a binary WebSocket message, or a text message too large to hold.
+    case binaryOrLargeMessage = "binary-or-large-message"
 }
 
 /// The request a decision was about. Never carries the query (it can hold credentials).
@@ -124,6 +130,7 @@ public enum FramingError: String, Sendable, Hashable, Error {
     case duplicateHost = "duplicate-host"
     case invalidHost = "invalid-host"
     case upgradeHoldExceeded = "upgrade-hold-exceeded"
+    case websocketProtocol = "websocket-protocol-error"
 
     public var explanation: String {
         switch self {
@@ -148,6 +155,8 @@ public enum FramingError: String, Sendable, Hashable, Error {
         case .incompleteRequest: return "the connection ended in the middle of a request"
         case .missingHost: return "the request has no Host header"
         case .duplicateHost: return "the request has more than one Host header"
+        case .websocketProtocol:
+            return "a WebSocket frame from the guest breaks RFC 6455 (unmasked, reserved bits or opcode, or a bad control frame), or uses an extension Keyhole cannot read"
         case .upgradeHoldExceeded: return "more bytes after an upgrade request than are held until the upstream answers it"
         case .invalidHost: return "the Host header or the target's authority is not a plain host[:port] (brackets only around an IPv6 address)"
         }

@@ -243,8 +243,8 @@ final class Session {
             if upgradeDecision == nil { upgradeDecision = rewriter.pendingUpgrade }
             if let outcome = upgradeDecision?.feed(buffer) {
                 upgradeDecision = nil
-                if case .accepted = outcome {
-                    rewriter.upgradeAccepted(into: &output)
+                if case .accepted(let chosen) = outcome {
+                    rewriter.upgradeAccepted(websocket: chosen == "websocket", into: &output)
                 } else {
                     rewriter.upgradeDeclined(into: &output)
                 }

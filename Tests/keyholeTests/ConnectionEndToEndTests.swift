@@ -17,13 +17,79 @@ struct ConnectionEndToEndTests {
             allow_hosts: [api.example.test]
             require_tls_identity: false
             inject: { headers: true, body: true }
+          - env: OTHER
+            value: "conn-other-token-0008"
+            allow_hosts: [other.example.test]
+            inject: { body: true }
         network:
           on_secret_violation: block-and-log
           upstream_ca: [{{DIR}}/upca.pem]
         """
 
     func assertNoValueLeaked(_ harness: ProxyHarness) {
-        for text in [harness.audit, harness.stderr] { #expect(!text.contains(Self.realValue)) }
+        for text in [harness.audit, harness.stderr] {
+            #expect(!text.contains(Self.realValue))
+            #expect(!text.contains("conn-other-token-0008"))
+        }
+    }
+
+    /// A WebSocket client in the guest: TLS to api.example.test, the upgrade (offering
+    /// permessage-deflate), then each message as one masked text frame; prints the status
+    /// line, then "sent" or how the connection ended.
+    func webSocket(_ harness: ProxyHarness, messages: [String]) throws -> CLI.Result {
+        let list = messages.map { "'" + $0 + "'" }.joined(separator: ", ")
+        return try harness.guest(
+            """
+            python3 - <<'EOF'
+            import os, socket, ssl, time
+            ctx = ssl.create_default_context(cafile='\(harness.stateDirectory)/ca.pem')
+            s = ctx.wrap_socket(socket.create_connection(('203.0.113.10', 443), timeout=8), server_hostname='api.example.test')
+            s.sendall(b'GET /socket HTTP/1.1\\r\\nHost: api.example.test\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n'
+                      b'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\nSec-WebSocket-Version: 13\\r\\n'
+                      b'Sec-WebSocket-Extensions: permessage-deflate\\r\\n\\r\\n')
+            head = b''
+            while b'\\r\\n\\r\\n' not in head:
+                head += s.recv(1024)
+            print(head.split(b'\\r\\n')[0].decode())
+            try:
+                for text in [\(list)]:
+                    payload = text.encode()
+                    key = os.urandom(4)
+                    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+                    s.sendall(bytes([0x81, 0x80 | len(payload)]) + key + masked)
+                    time.sleep(0.3)
+                s.sendall(bytes([0x88, 0x80]) + os.urandom(4))
+                s.settimeout(2)
+                print('sent', s.recv(100))
+            except (ConnectionResetError, ssl.SSLError, BrokenPipeError) as error:
+                print('reset', type(error).__name__)
+            except socket.timeout:
+                print('sent')
+            EOF
+            """)
+    }
+
+    @Test func aWebSocketMessageIsReadSubstitutedOrRefused() throws {
+        let harness = try ProxyHarness()
+        defer { harness.close() }
+        let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        try harness.startProxy(policy: Self.policy)
+        let ok = try webSocket(harness, messages: ["{\"auth\":\"$MSB_TOKEN\"}", "plain message"])
+        #expect(ok.stdout.hasPrefix("HTTP/1.1 101"), "\(ok.stdout)\(ok.stderr)\n\(harness.audit)")
+        let records = harness.records(log)
+        #expect(records.compactMap { $0["ws"] as? String }.prefix(2) == ["{\"auth\":\"\(Self.realValue)\"}", "plain message"], "\(records)")
+        // The offer reached the server without an extension Keyhole could not read.
+        #expect(harness.header(records.first ?? [:], "Sec-WebSocket-Extensions") == nil)
+        #expect(harness.audit.contains("\"site\":\"websocket-message\""), "\(harness.audit)")
+
+        // Another secret's placeholder in a message to this host: a violation, never sent.
+        let before = harness.records(log).count
+        let refused = try webSocket(harness, messages: ["first", "steal $MSB_OTHER"])
+        #expect(refused.stdout.contains("reset"), "\(refused.stdout)\(refused.stderr)")
+        let after = harness.records(log).dropFirst(before).compactMap { $0["ws"] as? String }
+        #expect(after == ["first"], "\(after)")
+        #expect(harness.audit.contains("\"event\":\"violation\""), "\(harness.audit)")
+        assertNoValueLeaked(harness)
     }
 
     @Test func aPlainHTTPFirstFlightLargerThanOneReadArrivesWhole() throws {

@@ -2,10 +2,26 @@
 """A test upstream: HTTPS (or plain HTTP) server that records every request it receives.
 
 Each request becomes one JSON line in --log: method, path (with query), headers, body.
-Responds 200 "ok" (never echoing what it received), or 101 for WebSocket upgrades.
+Responds 200 "ok" (never echoing what it received), or 101 for WebSocket upgrades, after
+which it logs each client frame unmasked ({"ws": payload, "opcode": n}).
 --slow N sleeps N ms between 64 KiB reads of a body (a slow reader, for backpressure tests).
 """
 import argparse, json, socket, ssl, sys, threading, time
+
+def frame_header_length(buf):
+    n = buf[1] & 0x7F
+    return 2 + (2 if n == 126 else 8 if n == 127 else 0) + (4 if buf[1] & 0x80 else 0)
+
+def parse_frame_header(buf):
+    opcode, n, offset = buf[0] & 0x0F, buf[1] & 0x7F, 2
+    if n == 126:
+        n, offset = int.from_bytes(buf[2:4], "big"), 4
+    elif n == 127:
+        n, offset = int.from_bytes(buf[2:10], "big"), 10
+    key = None
+    if buf[1] & 0x80:
+        key, offset = buf[offset:offset + 4], offset + 4
+    return opcode, n, key, offset
 
 def handle(conn, args, lock):
     conn.settimeout(60)
@@ -70,13 +86,24 @@ def handle(conn, args, lock):
                     f.write(json.dumps(record) + "\n")
             if h.get("upgrade", "").lower() == "websocket":
                 conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                # The client's frames (RFC 6455), unmasked: one {"ws": payload, "opcode": n} a frame.
                 while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
+                    while len(buf) < 2 or len(buf) < frame_header_length(buf):
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                    opcode, length, key, offset = parse_frame_header(buf)
+                    while len(buf) < offset + length:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                    payload = bytes(b ^ key[i % 4] for i, b in enumerate(buf[offset:offset + length])) if key else buf[offset:offset + length]
+                    buf = buf[offset + length:]
                     with lock:
                         with open(args.log, "a") as f:
-                            f.write(json.dumps({"stream": data.decode("latin-1")}) + "\n")
+                            f.write(json.dumps({"ws": payload.decode("latin-1"), "opcode": opcode}) + "\n")
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\nok\n")
     except (OSError, ValueError):
         return
