@@ -18,6 +18,23 @@ static size_t find_any_portable(const uint8_t *p, size_t n, const uint8_t *needl
     return n;
 }
 
+/* Pair starts at i < limit; p has n bytes (a pair at the very end is incomplete: it counts). */
+static size_t find_pair_scalar(const uint8_t *p, size_t limit, size_t n, const uint8_t *firsts, const uint8_t *seconds,
+                               const uint8_t *thirds, size_t count) {
+    for (size_t i = 0; i < limit; i++) {
+        for (size_t k = 0; k < count; k++) {
+            if (p[i] != firsts[k]) continue;
+            if (i + 1 == n) return i;
+            if (p[i + 1] != seconds[k]) continue;
+            /* A third byte rules the pair out only when it is known, not 0 (no check), not an
+               escape that may encode it, and different. */
+            if (thirds[k] && i + 2 < n && p[i + 2] != thirds[k] && p[i + 2] != '%' && p[i + 2] != '\\') continue;
+            return i;
+        }
+    }
+    return limit;
+}
+
 static size_t find_control_portable(const uint8_t *p, size_t n) {
     for (size_t i = 0; i < n; i++) {
         if (p[i] < 0x20 || p[i] == 0x7F) return i;
@@ -70,6 +87,74 @@ static size_t find_any_sse2(const uint8_t *p, size_t n, const uint8_t *needles, 
     return i + find_any_portable(p + i, n - i, needles, count);
 }
 
+__attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds,
+                                                             const uint8_t *thirds, size_t count) {
+    __m256i f[16], s[16], d[4];
+    size_t distinct = 0;
+    uint8_t seen[4] = {0};
+    for (size_t k = 0; k < 16; k++) {
+        f[k] = _mm256_set1_epi8((char)firsts[k < count ? k : 0]);
+        s[k] = _mm256_set1_epi8((char)seconds[k < count ? k : 0]);
+    }
+    /* The distinct first bytes, to skip blocks that hold none of them (up to 4; more:
+       every block is checked pair by pair). */
+    for (size_t k = 0; k < count && distinct <= 4; k++) {
+        size_t j = 0;
+        while (j < distinct && seen[j] != firsts[k]) j++;
+        if (j == distinct) {
+            if (distinct == 4) { distinct = 5; break; }
+            seen[distinct] = firsts[k];
+            d[distinct++] = _mm256_set1_epi8((char)firsts[k]);
+        }
+    }
+    size_t i = 0;
+    while (i + 33 <= n) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(p + i));
+        if (distinct <= 4) {
+            __m256i any = _mm256_cmpeq_epi8(x, d[0]);
+            for (size_t j = 1; j < distinct; j++) any = _mm256_or_si256(any, _mm256_cmpeq_epi8(x, d[j]));
+            if (_mm256_movemask_epi8(any) == 0) { i += 32; continue; }
+        }
+        __m256i y = _mm256_loadu_si256((const __m256i *)(p + i + 1));
+        __m256i m = _mm256_and_si256(_mm256_cmpeq_epi8(x, f[0]), _mm256_cmpeq_epi8(y, s[0]));
+        for (size_t k = 1; k < count; k++) {
+            m = _mm256_or_si256(m, _mm256_and_si256(_mm256_cmpeq_epi8(x, f[k]), _mm256_cmpeq_epi8(y, s[k])));
+        }
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(m);
+        while (mask) {
+            size_t at = i + (size_t)__builtin_ctz(mask);
+            if (find_pair_scalar(p + at, 1, n - at, firsts, seconds, thirds, count) == 0) return at;
+            mask &= mask - 1;
+        }
+        i += 32;
+    }
+    return i + find_pair_scalar(p + i, n - i, n - i, firsts, seconds, thirds, count);
+}
+
+static size_t find_pair_sse2(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds, const uint8_t *thirds, size_t count) {
+    __m128i f[16], s[16];
+    for (size_t k = 0; k < 16; k++) {
+        f[k] = _mm_set1_epi8((char)firsts[k < count ? k : 0]);
+        s[k] = _mm_set1_epi8((char)seconds[k < count ? k : 0]);
+    }
+    size_t i = 0;
+    for (; i + 17 <= n; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(p + i));
+        __m128i y = _mm_loadu_si128((const __m128i *)(p + i + 1));
+        __m128i m = _mm_and_si128(_mm_cmpeq_epi8(x, f[0]), _mm_cmpeq_epi8(y, s[0]));
+        for (size_t k = 1; k < count; k++) {
+            m = _mm_or_si128(m, _mm_and_si128(_mm_cmpeq_epi8(x, f[k]), _mm_cmpeq_epi8(y, s[k])));
+        }
+        int mask = _mm_movemask_epi8(m);
+        while (mask) {
+            size_t at = i + (size_t)__builtin_ctz((unsigned)mask);
+            if (find_pair_scalar(p + at, 1, n - at, firsts, seconds, thirds, count) == 0) return at;
+            mask &= mask - 1;
+        }
+    }
+    return i + find_pair_scalar(p + i, n - i, n - i, firsts, seconds, thirds, count);
+}
+
 __attribute__((target("avx2"))) static size_t find_control_avx2(const uint8_t *p, size_t n) {
     // A byte is a control byte when (byte + 0x80 as signed) < (0x20 + 0x80) signed, or == 0x7F.
     const __m256i bias = _mm256_set1_epi8((char)0x80);
@@ -116,6 +201,16 @@ size_t keyhole_find_any(const uint8_t *p, size_t n, const uint8_t *needles, size
 
 size_t keyhole_find_control(const uint8_t *p, size_t n) {
     return has_avx2() ? find_control_avx2(p, n) : find_control_sse2(p, n);
+}
+
+size_t keyhole_find_pair(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds, const uint8_t *thirds, size_t count) {
+    /* Candidate-dense input finds its next candidate within a few bytes: look at the first
+       64 bytes one by one before paying for the vector set-up. */
+    size_t head = n < 64 ? n : 64;
+    size_t found = find_pair_scalar(p, head, n, firsts, seconds, thirds, count);
+    if (found < head || head == n) return found;
+    return head + (has_avx2() ? find_pair_avx2(p + head, n - head, firsts, seconds, thirds, count)
+                              : find_pair_sse2(p + head, n - head, firsts, seconds, thirds, count));
 }
 
 #endif
@@ -223,6 +318,10 @@ size_t keyhole_find_any(const uint8_t *p, size_t n, const uint8_t *needles, size
 }
 
 size_t keyhole_find_control(const uint8_t *p, size_t n) { return find_control_portable(p, n); }
+
+size_t keyhole_find_pair(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds, const uint8_t *thirds, size_t count) {
+    return find_pair_scalar(p, n, n, firsts, seconds, thirds, count);
+}
 
 const char *keyhole_simd_implementation(void) { return "portable"; }
 

@@ -29,6 +29,48 @@ struct ByteScanner: Sendable {
     }
 }
 
+/// Finds the next position where one of up to sixteen byte pairs starts (AVX2 or SSE2): a
+/// placeholder's first two characters in each form it can be written in. A run of one
+/// candidate byte (`$$$$`, `%%%%`) then costs what plain bytes cost.
+struct PairScanner: Sendable {
+    private let firsts: SIMD16<UInt8>
+    private let seconds: SIMD16<UInt8>
+    private let thirds: SIMD16<UInt8>
+    let count: Int
+
+    /// `pairs`: first, second, and a third byte that must follow (0: any).
+    init?(_ pairs: [(UInt8, UInt8, UInt8)]) {
+        guard !pairs.isEmpty, pairs.count <= 16 else { return nil }
+        var f = SIMD16<UInt8>(repeating: pairs[0].0), s = SIMD16<UInt8>(repeating: pairs[0].1), t = SIMD16<UInt8>(repeating: pairs[0].2)
+        for (k, pair) in pairs.enumerated() {
+            f[k] = pair.0
+            s[k] = pair.1
+            t[k] = pair.2
+        }
+        (firsts, seconds, thirds) = (f, s, t)
+        count = pairs.count
+    }
+
+    /// Index of the first pair start in `bytes[from...]` (a first byte at the very end
+    /// counts), or nil.
+    @inline(__always)
+    func firstIndex(in bytes: UnsafeRawBufferPointer, from: Int) -> Int? {
+        guard from < bytes.count, let base = bytes.baseAddress else { return nil }
+        let remaining = bytes.count - from
+        var f = firsts, s = seconds, t = thirds
+        let found = withUnsafePointer(to: &f) { fp in
+            withUnsafePointer(to: &s) { sp in
+                withUnsafePointer(to: &t) { tp in
+                    keyhole_find_pair(
+                        base.assumingMemoryBound(to: UInt8.self) + from, remaining, UnsafeRawPointer(fp).assumingMemoryBound(to: UInt8.self),
+                        UnsafeRawPointer(sp).assumingMemoryBound(to: UInt8.self), UnsafeRawPointer(tp).assumingMemoryBound(to: UInt8.self), count)
+                }
+            }
+        }
+        return found == remaining ? nil : from + found
+    }
+}
+
 /// Finds control bytes (< 0x20 or 0x7F) — CR, LF, HTAB and the forbidden ones — in a
 /// header block.
 enum ControlScanner {

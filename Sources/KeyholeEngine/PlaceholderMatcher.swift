@@ -10,6 +10,31 @@ public enum PlaceholderForm: String, Sendable, Hashable {
     case base64
 }
 
+/// A set of bytes as a 256-bit bitmap in four words, picked with selects rather than a
+/// jump table or a memory load.
+struct ByteSet: Sendable {
+    private var w0: UInt64 = 0, w1: UInt64 = 0, w2: UInt64 = 0, w3: UInt64 = 0
+
+    @inline(__always)
+    func contains(_ byte: UInt8) -> Bool {
+        let low = byte & 0x40 == 0
+        let word = byte & 0x80 == 0 ? (low ? w0 : w1) : (low ? w2 : w3)
+        return (word >> UInt64(byte & 63)) & 1 != 0
+    }
+
+    mutating func insert(_ byte: UInt8) {
+        let bit = UInt64(1) << UInt64(byte & 63)
+        switch byte >> 6 {
+        case 0: w0 |= bit
+        case 1: w1 |= bit
+        case 2: w2 |= bit
+        default: w3 |= bit
+        }
+    }
+
+    mutating func insertAll() { (w0, w1, w2, w3) = (~0, ~0, ~0, ~0) }
+}
+
 /// Finds configured placeholders, in raw, percent-encoded and JSON-escaped form, as whole
 /// tokens: `$MSB_A` does not match inside `$MSB_AB` or `x_MSB_A`-style runs.
 ///
@@ -52,6 +77,129 @@ public struct PlaceholderMatcher: Sendable {
         self.scanner = ByteScanner(Array(starts.prefix(4)))
         self.lookahead = 6 * (longest + 1)
         self.extraStarts = starts.count > 4 ? Array(starts.dropFirst(4)) : []
+        var startSet = ByteSet()
+        for byte in starts { startSet.insert(byte) }
+        self.startSet = startSet
+        var firstBytes = ByteSet()
+        var secondBytes = ByteSet()
+        var unguardedFirst = ByteSet()
+        for entry in entries {
+            firstBytes.insert(entry.bytes[0])
+            if entry.bytes.count > 1 { secondBytes.insert(entry.bytes[1]) } else { secondBytes.insertAll() }
+            if !entry.checkBefore { unguardedFirst.insert(entry.bytes[0]) }
+        }
+        self.firstBytes = firstBytes
+        self.secondBytes = secondBytes
+        self.unguardedFirst = unguardedFirst
+        // The pairs a placeholder can start with: its first two characters raw, its first
+        // raw and its second escaped, its first percent-encoded (`%` and the high hex digit,
+        // either case) or JSON-escaped (`\u`).
+        var pairs: [(UInt8, UInt8, UInt8)] = []
+        func add(_ a: UInt8, _ b: UInt8, _ c: UInt8 = 0) {
+            if let k = pairs.firstIndex(where: { $0.0 == a && $0.1 == b }) {
+                if pairs[k].2 != c { pairs[k].2 = 0 }  // two different thirds: check none
+            } else {
+                pairs.append((a, b, c))
+            }
+        }
+        let hex = Array("0123456789ABCDEF".utf8)
+        for entry in entries where entry.bytes.count > 2 {
+            let first = entry.bytes[0]
+            add(first, entry.bytes[1], entry.bytes[2])
+            add(first, UInt8(ascii: "%"))
+            add(first, UInt8(ascii: "\\"))
+            let high = hex[Int(first >> 4)], low = hex[Int(first & 0x0F)]
+            // `%` + the high hex digit (either case) + the low one (a letter: either case, so no check)
+            let third = low >= UInt8(ascii: "A") ? 0 : low
+            add(UInt8(ascii: "%"), high, third)
+            if high >= UInt8(ascii: "A") { add(UInt8(ascii: "%"), high | 0x20, third) }
+        }
+        add(UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"))  // `\u00XX`: placeholders are ASCII
+        self.pairScanner = entries.allSatisfy({ $0.bytes.count > 2 }) ? PairScanner(pairs) : nil
+    }
+
+    /// Where placeholders can start, by their first two bytes; nil when they need more
+    /// than sixteen pairs (then `nextCandidate` and `certainlyNone` do the work).
+    let pairScanner: PairScanner?
+
+    /// Every byte a candidate can be (the SIMD set plus `extraStarts`).
+    let startSet: ByteSet
+    /// First and second characters of the placeholders (decoded).
+    let firstBytes: ByteSet
+    let secondBytes: ByteSet
+    /// First characters of placeholders that need no token boundary before them.
+    let unguardedFirst: ByteSet
+
+    /// Whether the candidate at `c` certainly starts no placeholder, judged from at most
+    /// six bytes (conservative: false whenever it cannot tell, and the full `match`
+    /// decides). This keeps every byte pattern cheap: a body of nothing but `%`, `$`, `\`
+    /// or a custom placeholder's first letter is rejected here, byte after byte, without
+    /// the full decode-and-compare.
+    @inline(__always)
+    func certainlyNone(_ bytes: UnsafeRawBufferPointer, at c: Int, previous: UInt8?) -> Bool {
+        let count = bytes.count
+        let b = bytes[c]
+        if b == 0x25 {  // %
+            guard c + 2 < count else { return false }
+            guard let hi = Self.hexValue(bytes[c + 1]), let lo = Self.hexValue(bytes[c + 2]) else { return !firstBytes.contains(b) }
+            return !firstBytes.contains(hi << 4 | lo)
+        }
+        if b == 0x5C {  // backslash
+            guard c + 1 < count else { return false }
+            guard bytes[c + 1] == 0x75 else { return !firstBytes.contains(b) }
+            guard c + 5 < count else { return false }
+            var value: UInt32 = 0
+            for k in 2...5 {
+                guard let h = Self.hexValue(bytes[c + k]) else { return !firstBytes.contains(b) }
+                value = value << 4 | UInt32(h)
+            }
+            return value >= 0x80 || !firstBytes.contains(UInt8(value))
+        }
+        if !firstBytes.contains(b) { return true }
+        // Every placeholder starting with `b` needs a token boundary, and there is none.
+        if !unguardedFirst.contains(b), let previous, Self.isTokenByte(previous) { return true }
+        guard c + 1 < count else { return false }
+        let next = bytes[c + 1]
+        if next == 0x25 || next == 0x5C { return false }  // the second character may be encoded
+        if !secondBytes.contains(next) { return true }
+        // Compare the raw bytes that follow with each placeholder starting with `b`.
+        for entry in entries where entry.bytes[0] == b {
+            if entry.checkBefore, let previous, Self.isTokenByte(previous) { continue }
+            var k = 1
+            while k < entry.bytes.count {
+                guard c + k < count else { return false }
+                let x = bytes[c + k]
+                if x == 0x25 || x == 0x5C { return false }
+                if x != entry.bytes[k] { break }
+                k += 1
+            }
+            if k == entry.bytes.count { return false }  // all of it is there: the full match decides
+        }
+        return true
+    }
+
+    /// The next candidate from `from` that `certainlyNone` cannot rule out, or nil. Runs of
+    /// candidate bytes are walked with a table lookup each, not a SIMD call each.
+    @inline(__always)
+    func nextPlausibleCandidate(in bytes: UnsafeRawBufferPointer, from: Int, previous: UInt8?) -> Int? {
+        if let pairScanner {
+            var i = from
+            while let c = pairScanner.firstIndex(in: bytes, from: i) {
+                if !certainlyNone(bytes, at: c, previous: c > 0 ? bytes[c - 1] : previous) { return c }
+                i = c + 1
+            }
+            return nil
+        }
+        var i = from
+        while let c = nextCandidate(in: bytes, from: i) {
+            var k = c
+            while k < bytes.count, startSet.contains(bytes[k]) {
+                if !certainlyNone(bytes, at: k, previous: k > 0 ? bytes[k - 1] : previous) { return k }
+                k += 1
+            }
+            i = k
+        }
+        return nil
     }
 
     /// Start bytes beyond what the SIMD scanner covers; checked with a second pass.

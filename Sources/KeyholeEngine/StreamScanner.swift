@@ -46,7 +46,8 @@ struct StreamScanner {
         while !pending.isEmpty {
             let buffer = pending[0]
             let from = scanOffset
-            let candidate = buffer.withUnsafeReadableBytes { matcher.nextCandidate(in: $0, from: from) }
+            let before = previous
+            let candidate = buffer.withUnsafeReadableBytes { matcher.nextPlausibleCandidate(in: $0, from: from, previous: before) }
             guard let c = candidate else {
                 emitData(buffer, into: &items)
                 pending.removeFirst()

@@ -44,3 +44,77 @@ struct PlaceholderMatcherTests {
         }
     }
 }
+
+/// The quick rejection that keeps candidate-dense input fast never rejects a placeholder:
+/// wherever it says "certainly none", the full match agrees (random inputs over an alphabet
+/// of placeholder pieces, escapes and candidate bytes; fixed seed).
+@Suite("Placeholder matcher quick rejection")
+struct PlaceholderQuickRejectionTests {
+    struct Generator: RandomNumberGenerator {
+        var state: UInt64
+        mutating func next() -> UInt64 {  // splitmix64
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+
+    @Test func neverRejectsWhatTheFullMatchFinds() {
+        let matcher = PlaceholderMatcher(placeholders: [Array("$MSB_TOKEN".utf8), Array("PH_KEY".utf8), Array("{{vault}}".utf8)])
+        let pieces = ["$", "%", "\\", "u", "0", "2", "4", "M", "S", "B", "_", "T", "O", "K", "E", "N", "P", "H", "Y", "{", "v", "a", "}",
+                      "%24", "%4D", "%4d", "\\u0024", "\\u004D", "$MSB_TOKEN", "PH_KEY", "{{vault}}", "x", "="]
+        var random = Generator(state: 42)
+        var checked = 0
+        var rejected = 0
+        for _ in 0..<20_000 {
+            var text = ""
+            for _ in 0..<Int.random(in: 1...12, using: &random) { text += pieces.randomElement(using: &random)! }
+            let bytes = Array(text.utf8)
+            let previous: UInt8? = Bool.random(using: &random) ? nil : UInt8(ascii: Bool.random(using: &random) ? "a" : "=")
+            bytes.withUnsafeBytes { b in
+                for c in b.indices {
+                    let before = c > 0 ? b[c - 1] : previous
+                    guard matcher.certainlyNone(b, at: c, previous: before) else { continue }
+                    rejected += 1
+                    for final in [true, false] {
+                        let full = matcher.match(b, at: c, previous: before, final: final)
+                        #expect(full != .needMore || !final)
+                        if case .match = full { Issue.record("rejected a placeholder at \(c) in \(text)") }
+                    }
+                    checked += 1
+                }
+            }
+        }
+        #expect(rejected > 5_000, "the test exercised the rejection (\(rejected) of \(checked))")
+    }
+
+    /// The pair scan (SIMD, with its scalar window and its third-byte check) skips no match:
+    /// walking a buffer candidate by candidate finds exactly what trying every index finds.
+    @Test func thePairScanSkipsNoMatch() {
+        let matcher = PlaceholderMatcher(placeholders: [Array("$MSB_TOKEN".utf8), Array("PH_KEY".utf8), Array("{{vault}}".utf8)])
+        #expect(matcher.pairScanner != nil)
+        let pieces = ["$", "%", "\\", "u", "0", "2", "4", "M", "S", "P", "H", "_", "{", "x", "%24", "%50", "%7b", "\\u0024", "$MSB_TOKEN", "PH_KEY",
+                      "{{vault}}", String(repeating: "a", count: 40), String(repeating: "$M", count: 20)]
+        var random = Generator(state: 7)
+        for _ in 0..<3000 {
+            var text = ""
+            for _ in 0..<Int.random(in: 1...30, using: &random) { text += pieces.randomElement(using: &random)! }
+            let bytes = Array(text.utf8)
+            bytes.withUnsafeBytes { b in
+                var naive: [Int] = []
+                for c in b.indices {
+                    if case .match = matcher.match(b, at: c, previous: c > 0 ? b[c - 1] : nil, final: true) { naive.append(c) }
+                }
+                var walked: [Int] = []
+                var i = 0
+                while let c = matcher.nextPlausibleCandidate(in: b, from: i, previous: nil) {
+                    if case .match = matcher.match(b, at: c, previous: c > 0 ? b[c - 1] : nil, final: true) { walked.append(c) }
+                    i = c + 1
+                }
+                #expect(walked == naive, "\(text)")
+            }
+        }
+    }
+}

@@ -9,6 +9,12 @@
 /// elsewhere.
 size_t keyhole_find_any(const uint8_t *p, size_t n, const uint8_t *needles, size_t count);
 
+/// Index of the first i in p[0..<n] where (p[i], p[i+1]) is one of the pairs
+/// (firsts[k], seconds[k]) for k < count (count 1...16), and p[i+2] is thirds[k] when
+/// thirds[k] is not 0 (or p[i+2] is '%' or '\\', or not there yet); an i = n-1 whose p[i]
+/// is one of the firsts counts too (its pair is not complete yet). n when there is none.
+size_t keyhole_find_pair(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds, const uint8_t *thirds, size_t count);
+
 /// Index of the first control byte (< 0x20 or 0x7F) of p[0..<n], or n.
 size_t keyhole_find_control(const uint8_t *p, size_t n);
 

@@ -100,6 +100,25 @@ let benchmarks: @Sendable () -> Void = {
         }
     }
 
+    // Worst cases: a body made of nothing but one candidate byte (`%`, `$`, `\\`, and the
+    // first letter of a custom placeholder), streamed with body substitution on. Target:
+    // at least 1/4 of `engine-scan-1MiB-streamed-body` (ordinary bytes).
+    for (name, byte) in [("percent", UInt8(ascii: "%")), ("dollar", UInt8(ascii: "$")), ("backslash", UInt8(ascii: "\\")), ("custom-first-letter", UInt8(ascii: "P"))] {
+        Benchmark("engine-dense-1MiB-body-\(name)") { benchmark in
+            let custom = Secret(
+                env: "PH_TOKEN", placeholder: "PH_TOKEN", value: SecretValue("v"), allowedHosts: HostAllowList(exact: ["api.github.com"]),
+                inject: Injection(body: true))
+            let input = bodyRequest([UInt8](repeating: byte, count: 1 << 20), chunked: true)
+            benchmark.startMeasurement()
+            for _ in benchmark.scaledIterations {
+                let rewriter = RequestRewriter(identity: identity, secrets: [secrets[0], custom])
+                var output = RewriteOutput()
+                feed(input, rewriter, &output)
+                blackHole(output.forwardedBytes)
+            }
+        }
+    }
+
     Benchmark("matcher-scan-1MiB-no-candidates") { benchmark in
         let matcher = PlaceholderMatcher(placeholders: secrets.map { Array($0.placeholder.utf8) })
         benchmark.startMeasurement()

@@ -1,6 +1,8 @@
 // A plain loop over one engine workload, for profilers (perf record, valgrind --tool=callgrind):
 //   swift build -c release --product EngineProfile
 //   valgrind --tool=callgrind .build/release/EngineProfile rewrite 100000
+//   .build/release/EngineProfile dense 'BYTES' 256   # a chunked body of BYTES repeated, 256 MiB: prints MB/s
+import Foundation
 import KeyholeEngine
 import KeyholePolicy
 import NIOCore
@@ -15,6 +17,30 @@ text += "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, 
 text += "Accept: application/vnd.github+json\r\nAuthorization: Bearer $MSB_GITHUB_TOKEN\r\n"
 while text.utf8.count < 1000 { text += "X-Padding: " + String(repeating: "p", count: min(60, 1000 - text.utf8.count)) + "\r\n" }
 text += "\r\n"
+if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "dense" {
+    let pattern = Array(CommandLine.arguments[2].utf8)
+    let mebibytes = CommandLine.arguments.count > 3 ? Int(CommandLine.arguments[3])! : 256
+    let custom = Secret(
+        env: "PH_TOKEN", placeholder: "PH_TOKEN", value: SecretValue("v"), allowedHosts: HostAllowList(exact: ["api.github.com"]),
+        inject: Injection(body: true))
+    var bodySecrets = secrets
+    bodySecrets[0].inject.body = true
+    let rewriter = RequestRewriter(identity: .verifiedTLS(sni: "api.github.com"), secrets: bodySecrets + [custom])
+    var output = RewriteOutput()
+    rewriter.consume(ByteBuffer(string: "POST /u HTTP/1.1\r\nHost: api.github.com\r\nTransfer-Encoding: chunked\r\n\r\n"), into: &output)
+    var chunk = ByteBuffer(string: "4000\r\n")
+    for i in 0..<16384 { chunk.writeInteger(pattern[i % pattern.count]) }
+    chunk.writeString("\r\n")
+    let start = ContinuousClock.now
+    for _ in 0..<(mebibytes * 64) {
+        rewriter.consume(chunk, into: &output)
+        output.upstream.removeAll(keepingCapacity: true)
+        output.events.removeAll(keepingCapacity: true)
+    }
+    let seconds = Double((ContinuousClock.now - start).components.attoseconds) / 1e18 + Double((ContinuousClock.now - start).components.seconds)
+    print("\(String(decoding: pattern, as: UTF8.self)): \(Int(Double(mebibytes) * 1.048576 / seconds)) MB/s")
+    exit(0)
+}
 let request = ByteBuffer(string: text)
 let iterations = CommandLine.arguments.count > 2 ? Int(CommandLine.arguments[2])! : 100_000
 let rewriter = RequestRewriter(identity: .verifiedTLS(sni: "api.github.com"), secrets: secrets)
