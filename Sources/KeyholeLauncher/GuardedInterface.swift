@@ -13,11 +13,14 @@ public struct GuardSettings: Sendable {
     public var upstreamMark: UInt32?
     public var firstFlightTimeout: TimeAmount
     public var headTimeout: TimeAmount
+    /// Where the appliance records what it installed (so a run after a crash can undo it).
+    public var stateDirectory: String?
 
     public init(
         proxyPort: UInt16 = 15001, queueNumber: UInt16 = 4242, upstreamMark: UInt32? = 0x4B48,
-        firstFlightTimeout: TimeAmount = .seconds(5), headTimeout: TimeAmount = .seconds(30)
+        firstFlightTimeout: TimeAmount = .seconds(5), headTimeout: TimeAmount = .seconds(30), stateDirectory: String? = nil
     ) {
+        self.stateDirectory = stateDirectory
         self.proxyPort = proxyPort
         self.queueNumber = queueNumber
         self.upstreamMark = upstreamMark
@@ -75,7 +78,7 @@ public final class GuardedInterface: Sendable {
         let observer = DNSAnswerObserver(
             dns: dns, policy: DNSAnswerPolicy(egress: policy.network.egress), rules: rules, audit: audit, metrics: metrics, sandbox: policy.name)
         let queue = PacketQueue(number: settings.queueNumber, decide: observer.decide)
-        let appliance = Appliance(rules: rules)
+        let appliance = Appliance(rules: rules, stateDirectory: settings.stateDirectory)
         do {
             try Appliance.configure(interface: interface, address: policy.network.gateway)
             try queue.start()

@@ -114,7 +114,7 @@ public final class Launcher: Sendable {
         defer { Appliance.restore(forwarding) }
         let continuation = events.continuation
         let appliance = try await GuardedInterface.start(
-            interface: tap.name, policy: guarded, ca: ca, settings: GuardSettings(proxyPort: 0, queueNumber: Self.queueNumber(for: tap.name)),
+            interface: tap.name, policy: guarded, ca: ca, settings: GuardSettings(proxyPort: 0, queueNumber: Self.queueNumber(for: tap.name), stateDirectory: stateDirectory),
             audit: audit, metrics: metrics, onTerminate: { reason in continuation.yield(.terminate(reason)) })
         progress("sandbox \(policy.name): TAP \(tap.name), guest \(address.address), gateway \(gateway.address), DNS \(resolver), \(accelerator.rawValue)")
 

@@ -5,12 +5,27 @@ public import KeyholePolicy
 /// `iptables-nft`/`ip6tables-nft` binaries.
 public final class Appliance: Sendable {
     public let rules: ApplianceRules
-    /// Whether the mangle tables existed before we added our queue chain (so removal can
-    /// leave `nft list ruleset` exactly as it was).
+    /// Whether the mangle tables existed before Keyhole first added its queue chain (so
+    /// removal can leave `nft list ruleset` exactly as it was).
     private let hadMangle: [String: Bool]
+    /// Where that is recorded while the rules are installed: a run killed with -9 leaves
+    /// the record, and the next run on the interface uses it instead of what it sees (the
+    /// crashed run's own mangle tables), so its removal undoes the crashed run's too.
+    private let record: String?
 
-    public init(rules: ApplianceRules) {
+    public init(rules: ApplianceRules, stateDirectory: String? = nil) {
         self.rules = rules
+        let record = stateDirectory.map { "\($0)/appliance/\(rules.tableName).installed" }
+        self.record = record
+        if let record, let text = try? String(contentsOfFile: record, encoding: .utf8) {
+            var had: [String: Bool] = [:]
+            for line in text.split(separator: "\n") {
+                let parts = line.split(separator: "=")
+                if parts.count == 2 { had[String(parts[0])] = parts[1] == "1" }
+            }
+            hadMangle = had
+            return
+        }
         var had: [String: Bool] = [:]
         for family in ["ip", "ip6"] {
             had[family] = (try? HostCommand.run("/usr/sbin/nft", ["list", "table", family, "mangle"])) != nil
@@ -20,6 +35,11 @@ public final class Appliance: Sendable {
 
     /// Replaces any stale copy, then installs the table and the queue chain.
     public func install() throws(NetfilterError) {
+        if let record {
+            let text = hadMangle.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value ? 1 : 0)\n" }.joined()
+            try? FileManager.default.createDirectory(atPath: (record as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try? text.write(toFile: record, atomically: true, encoding: .utf8)
+        }
         removeQueue()
         do {
             _ = try HostCommand.run("/usr/sbin/nft", ["-f", "-"], input: rules.nftScript())
@@ -47,6 +67,7 @@ public final class Appliance: Sendable {
             }
             if rules.isEmpty { _ = try? HostCommand.run("/usr/sbin/nft", ["delete", "table", family, "mangle"]) }
         }
+        if let record { try? FileManager.default.removeItem(atPath: record) }
     }
 
     /// Swaps the table for a drop-everything one and removes the queue chain; `remove()`

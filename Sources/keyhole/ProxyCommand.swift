@@ -227,7 +227,8 @@ struct ProxyCommand: AsyncParsableCommand {
         for (index, interface) in interfaces.enumerated() {
             let settings = GuardSettings(
                 proxyPort: proxyPort + UInt16(index), queueNumber: queueNum + UInt16(index), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
-                firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)), headTimeout: .milliseconds(Int64(headTimeout * 1000)))
+                firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)), headTimeout: .milliseconds(Int64(headTimeout * 1000)),
+                stateDirectory: state.resolved)
             do {
                 let guarded = try await GuardedInterface.start(
                     interface: interface, policy: loaded[index], ca: ca, settings: settings, audit: audit, metrics: metrics,

@@ -76,6 +76,7 @@ struct ApplianceEndToEndTests {
         let harness = try ProxyHarness(mode: .appliance)
         defer { harness.close() }
         try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        let before = try harness.appliance("nft list ruleset; iptables-nft-save | grep -v '^#'; ip6tables-nft-save | grep -v '^#'").stdout
         try harness.startProxy(policy: Self.policy)
         #expect(try curl(harness, "https://api.example.test/first").stdout == "ok\n")
         try harness.sh("kill -9 \(try #require(try harness.proxyPID()))")
@@ -90,6 +91,12 @@ struct ApplianceEndToEndTests {
         #expect(try curl(harness, "https://api.example.test/again").stdout == "ok\n")
         let tables = try harness.appliance("nft list tables").stdout
         #expect(tables.components(separatedBy: "keyhole_").count == 2, "exactly one keyhole table: \(tables)")
+        // SIGTERM after the restart removes everything, what the crashed run created too
+        // (the mangle tables iptables-nft made for its queue chain).
+        try harness.sh("kill -TERM \(try #require(try harness.proxyPID()))")
+        #expect(harness.waitForProxyExit(seconds: 10) == 0)
+        let after = try harness.appliance("nft list ruleset; iptables-nft-save | grep -v '^#'; ip6tables-nft-save | grep -v '^#'").stdout
+        #expect(after == before)
     }
 
     @Test func sighupReloadsTheAllowList() throws {
