@@ -8,12 +8,13 @@ cd "$(dirname "$0")/../fuzz"
 seconds=${1:-60}
 # The Swift runtime's interactive backtracer would hold the pipes open after a crash.
 export SWIFT_BACKTRACE=enable=no
-swift build -c debug --product RewriterFuzzer -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library \
+# Optimised (with ASan): about ten times the executions per second of a debug build.
+swift build -c release --product RewriterFuzzer -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library \
   --scratch-path .build-fuzz 2>&1 | grep -vE "Cannot export local symbol|^\[" || true
-test -x .build-fuzz/debug/RewriterFuzzer
+test -x .build-fuzz/release/RewriterFuzzer
 mkdir -p .corpus-work artifacts
 status=0
-timeout --kill-after=10 $((seconds + 120)) ./.build-fuzz/debug/RewriterFuzzer -max_total_time="$seconds" -timeout=10 \
+timeout --kill-after=10 $((seconds + 120)) ./.build-fuzz/release/RewriterFuzzer -max_total_time="$seconds" -timeout=10 \
   -rss_limit_mb=2048 -artifact_prefix=artifacts/ -print_final_stats=1 .corpus-work corpus > .last-run.log 2>&1 || status=$?
 grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|Done)|ERROR|Fatal error|precondition" .last-run.log | head -n 20
 if [ "$status" -ne 0 ]; then

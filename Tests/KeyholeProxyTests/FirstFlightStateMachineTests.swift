@@ -127,3 +127,78 @@ struct FirstFlightStateMachineTests {
         #expect(never.timeout() == [.reset(reason: "no original destination in time")])
     }
 }
+
+/// The state machine under events in any order (a seeded random walk, many thousands of
+/// sequences): whatever happens, the pipelines are set up at most once, only after the
+/// upstream is connected, with the guest no longer read, and the replay is every byte the
+/// guest sent, in order; nothing happens after a reset or the hand-over.
+@Suite("First flight state machine, events in any order")
+struct FirstFlightStateMachineWalkTests {
+    struct Generator: RandomNumberGenerator {
+        var state: UInt64
+        mutating func next() -> UInt64 {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+
+    enum Event: CaseIterable { case destination, read, connected, spoke, timeout, failed, setUpDone }
+
+    @Test func invariantsHoldForRandomEventOrders() {
+        var random = Generator(state: 2026)
+        let chunks = ["GET / HT", "TP/1.1\r\nHost: a\r\n\r\n", "\u{16}\u{3}\u{1}", "x", String(repeating: "z", count: 5000), ""]
+        var setUps = 0
+        for _ in 0..<20_000 {
+            var machine = FirstFlightStateMachine()
+            var sent = ""
+            var connected = false
+            var stopped = false
+            var setUp: FirstFlightStateMachine.Kind?
+            var ended = false
+            for _ in 0..<Int.random(in: 1...12, using: &random) {
+                let event = Event.allCases.randomElement(using: &random)!
+                var actions: [FirstFlightStateMachine.Action] = []
+                switch event {
+                case .destination: actions = machine.destinationKnown()
+                case .read:
+                    let chunk = chunks.randomElement(using: &random)!
+                    if !ended { sent += chunk }
+                    actions = machine.guestRead(ByteBuffer(string: chunk))
+                case .connected:
+                    // The connect completes only once, and only after it was started.
+                    guard machine.state != .idle, !connected else { continue }
+                    connected = true
+                    actions = machine.upstreamConnected()
+                case .spoke:
+                    guard connected else { continue }
+                    actions = machine.upstreamSpoke()
+                case .timeout: actions = machine.timeout()
+                case .failed: actions = machine.upstreamFailed()
+                case .setUpDone:
+                    guard setUp != nil, !ended else { continue }
+                    let replay = machine.setUpDone().map { String(buffer: $0) } ?? ""
+                    #expect(replay == sent, "the replay is every byte sent, in order")
+                    ended = true
+                }
+                for action in actions {
+                    #expect(!ended, "no action after a reset or the hand-over: \(action)")
+                    switch action {
+                    case .stopReading: stopped = true
+                    case .setUp(let kind):
+                        #expect(setUp == nil, "set up once")
+                        #expect(connected, "set up only once connected")
+                        #expect(stopped, "the guest is not read while the pipelines are built")
+                        setUp = kind
+                        setUps += 1
+                    case .reset: ended = true
+                    case .connect: #expect(!connected)
+                    }
+                }
+            }
+        }
+        #expect(setUps > 1000, "the walk reached the set-up \(setUps) times")
+    }
+}

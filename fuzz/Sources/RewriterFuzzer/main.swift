@@ -3,7 +3,8 @@ import KeyholeEngine
 import KeyholePolicy
 import NIOCore
 
-// The engine on arbitrary bytes. The first input byte picks the context and the split;
+// The engine on arbitrary bytes. The first input byte picks the context, the split, the
+// mode and what an accepted upgrade is;
 // the rest is the guest's stream. Invariants checked on every input:
 //   - no crash, no hang (libFuzzer's timeout);
 //   - the output does not depend on how the input is split;
@@ -22,7 +23,7 @@ let contexts: [ConnectionIdentity] = [
     ConnectionIdentity(sni: "api.example.com", dnsPinnedNames: [], upstreamVerified: true),
 ]
 
-func run(_ bytes: UnsafeRawBufferPointer, identity: ConnectionIdentity, split: Int, mode: RequestRewriter.Mode) -> ([UInt8], [RewriteEvent]) {
+func run(_ bytes: UnsafeRawBufferPointer, identity: ConnectionIdentity, split: Int, mode: RequestRewriter.Mode, websocket: Bool) -> ([UInt8], [RewriteEvent]) {
     var configuration = RewriterConfiguration()
     configuration.maxHeldBody = 4096
     configuration.chunkSegment = 64
@@ -37,7 +38,7 @@ func run(_ bytes: UnsafeRawBufferPointer, identity: ConnectionIdentity, split: I
         events += output.events
         output.events.removeAll()
         if rewriter.status == .awaitingUpgradeDecision {
-            rewriter.upgradeAccepted(into: &output)
+            rewriter.upgradeAccepted(websocket: websocket, into: &output)
             collect()
         }
     }
@@ -69,8 +70,10 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     let identity = contexts[Int(selector & 3)]
     let mode: RequestRewriter.Mode = selector & 0x80 != 0 ? .opaque : .http
     let split = Int((selector >> 2) & 0x1F) + 1
-    let whole = run(bytes, identity: identity, split: Int.max, mode: mode)
-    let pieces = run(bytes, identity: identity, split: split, mode: mode)
+    // An accepted upgrade is a WebSocket (its frames parsed) or any other protocol (relayed).
+    let websocket = selector & 0x40 != 0
+    let whole = run(bytes, identity: identity, split: Int.max, mode: mode, websocket: websocket)
+    let pieces = run(bytes, identity: identity, split: split, mode: mode, websocket: websocket)
     precondition(whole.0 == pieces.0, "output depends on the split")
     precondition(whole.1 == pieces.1, "events depend on the split")
     // Values the input itself spells out prove nothing; skip those inputs.
