@@ -106,8 +106,18 @@ public final class RequestRewriter {
     // field access (a measurable share of a 1 KiB request's cost).
     @exclusivity(unchecked) var core: RewriterCore
 
-    public init(identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration = RewriterConfiguration(), mode: Mode = .http) {
+    /// `heldBodyBudget`: shared by the connections of a process; nil means no budget beyond
+    /// `configuration.maxHeldBody` per body.
+    public init(
+        identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration = RewriterConfiguration(), mode: Mode = .http,
+        heldBodyBudget: HeldBodyBudget? = nil
+    ) {
         core = RewriterCore(identity: identity, secrets: secrets, configuration: configuration, mode: mode)
+        core.heldBodyBudget = heldBodyBudget
+    }
+
+    deinit {
+        core.releaseHeldBody()
     }
 
     public var identity: ConnectionIdentity { core.identity }
@@ -222,6 +232,9 @@ struct RewriterCore {
     var upgradeHeldBytes = 0
     var pendingUpgrade: UpgradeDecision?
     var webSocket = WebSocketStream()
+    var heldBodyBudget: HeldBodyBudget?
+    /// What this connection holds of the budget (the body being held).
+    var heldBodyReserved = 0
     /// Substitutions of the current request not yet reported (reported once its head is out).
     var pendingSubstitutionEvents: [(Int, Site)] = []
     let allocator = ByteBufferAllocator()

@@ -130,6 +130,7 @@ public enum FramingError: String, Sendable, Hashable, Error {
     case duplicateHost = "duplicate-host"
     case invalidHost = "invalid-host"
     case upgradeHoldExceeded = "upgrade-hold-exceeded"
+    case heldBodyBudgetExhausted = "held-body-budget-exhausted"
     case websocketProtocol = "websocket-protocol-error"
 
     public var explanation: String {
@@ -157,6 +158,8 @@ public enum FramingError: String, Sendable, Hashable, Error {
         case .duplicateHost: return "the request has more than one Host header"
         case .websocketProtocol:
             return "a WebSocket frame from the guest breaks RFC 6455 (unmasked, reserved bits or opcode, or a bad control frame), or uses an extension Keyhole cannot read"
+        case .heldBodyBudgetExhausted:
+            return "the proxy already holds as many bodies for substitution as its memory budget allows (send this one chunked, or retry)"
         case .upgradeHoldExceeded: return "more bytes after an upgrade request than are held until the upstream answers it"
         case .invalidHost: return "the Host header or the target's authority is not a plain host[:port] (brackets only around an IPv6 address)"
         }

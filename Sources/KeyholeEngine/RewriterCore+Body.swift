@@ -33,6 +33,7 @@ extension RewriterCore {
     }
 
     mutating func completeHeldBody(_ output: inout RewriteOutput) {
+        releaseHeldBody()
         scanner.drain(final: true, into: &heldItems)
         var pieces: [(ByteBuffer, Bool)] = []
         pieces.reserveCapacity(heldItems.count)
@@ -259,5 +260,12 @@ extension RewriterCore {
         output.insert(trailers)
         flushSubstitutionEvents(&output)
         finishRequest(&output)
+    }
+
+    /// Gives back what the held body took of the process's budget.
+    mutating func releaseHeldBody() {
+        guard heldBodyReserved > 0 else { return }
+        heldBodyBudget?.release(heldBodyReserved)
+        heldBodyReserved = 0
     }
 }

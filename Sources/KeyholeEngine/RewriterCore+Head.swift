@@ -133,6 +133,13 @@ extension RewriterCore {
                     fail(.bodyTooLargeToSubstitute, &output)
                     return
                 }
+                if let heldBodyBudget {
+                    guard heldBodyBudget.reserve(length) else {
+                        fail(.heldBodyBudgetExhausted, &output)
+                        return
+                    }
+                    heldBodyReserved = length
+                }
                 if let expect = head.expectContinueField {
                     edits.append((head.fields[expect].line, ByteBuffer()))
                     output.continueToGuest = true

@@ -1,4 +1,5 @@
 import Foundation
+import KeyholeEngine
 public import KeyholePolicy
 public import KeyholeTLS
 public import NIOCore
@@ -31,6 +32,9 @@ public struct ProxyConfiguration: Sendable {
     /// The appliance's own addresses (the guest-facing gateway among them): egress
     /// `public` denies guest flows to them (BRIEF §4 Egress).
     public var applianceAddresses: Set<IPAddress> = []
+    /// Bytes all connections may hold at once for body substitution (held `Content-Length`
+    /// bodies); a body that does not fit is refused.
+    public var heldBodyBudget = 256 * 1024 * 1024
 
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),
@@ -70,6 +74,7 @@ final class ProxyShared: Sendable {
     let metrics: ProxyMetrics
     let threadPool: NIOThreadPool
     let onTerminate: @Sendable (String) -> Void
+    let heldBodies: HeldBodyBudget
     private let policyBox: Mutex<Policy>
     private let nextConnection = Atomic<UInt64>(0)
 
@@ -84,6 +89,7 @@ final class ProxyShared: Sendable {
         self.metrics = metrics
         self.threadPool = threadPool
         self.onTerminate = onTerminate
+        self.heldBodies = HeldBodyBudget(limit: configuration.heldBodyBudget)
         self.policyBox = Mutex(policy)
     }
 

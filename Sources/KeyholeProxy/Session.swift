@@ -171,7 +171,9 @@ final class Session {
                 if let guestTLS {
                     try guestPipeline.addHandler(NIOSSLServerHandler(context: guestTLS), position: .after(context.handler))
                 }
-                rewriter = RequestRewriter(identity: makeIdentity(tls: guestTLS != nil), secrets: policy.secrets, mode: opaque ? .opaque : .http)
+                rewriter = RequestRewriter(
+                    identity: makeIdentity(tls: guestTLS != nil), secrets: policy.secrets, mode: opaque ? .opaque : .http,
+                    heldBodyBudget: shared.heldBodies)
             }
             try guestPipeline.addHandler(GuestSideHandler(session: self), position: .last)
             if let watcher = try? upstreamPipeline.handler(type: HandshakeWatcher.self) {

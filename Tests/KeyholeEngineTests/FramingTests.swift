@@ -1,4 +1,5 @@
 import KeyholeEngine
+import NIOCore
 import KeyholePolicy
 import Testing
 
@@ -154,5 +155,46 @@ struct UpgradeTests {
         let leaking = rewrite("hello $MSB_TOKEN bye", mode: .opaque)
         #expect(leaking.text == "hello ")
         #expect(leaking.violations.first?.site == .opaque)
+    }
+}
+
+/// Held bodies share one budget per process: a guest cannot make the proxy hold more than
+/// it allows, whatever it spreads over how many connections.
+@Suite("Held body budget")
+struct HeldBodyBudgetTests {
+    let bodySecret = secret("TOKEN", value: "V", inject: Injection(body: true))
+
+    func start(_ length: Int, _ budget: HeldBodyBudget) -> (RequestRewriter, [RewriteEvent]) {
+        let rewriter = RequestRewriter(identity: .verifiedTLS(sni: "api.example.com"), secrets: [bodySecret], heldBodyBudget: budget)
+        var output = RewriteOutput()
+        rewriter.consume(ByteBuffer(string: "POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: \(length)\r\n\r\nab"), into: &output)
+        return (rewriter, output.events)
+    }
+
+    @Test func aBodyThatDoesNotFitIsRefusedAndReleasedBudgetIsReused() {
+        let budget = HeldBodyBudget(limit: 100)
+        var (first, events) = start(80, budget)
+        #expect(events.isEmpty)
+        #expect(budget.inUse == 80)
+        let (_, refused) = start(30, budget)
+        #expect(refused.contains { if case .framingError(.heldBodyBudgetExhausted, _) = $0 { return true } else { return false } })
+        // The first body completes: its share comes back.
+        var output = RewriteOutput()
+        first.consume(ByteBuffer(string: String(repeating: "x", count: 78)), into: &output)
+        #expect(budget.inUse == 0)
+        (first, events) = start(90, budget)
+        #expect(events.isEmpty)
+        #expect(budget.inUse == 90)
+        _ = first
+    }
+
+    @Test func aConnectionThatGoesAwayGivesItsShareBack() {
+        let budget = HeldBodyBudget(limit: 100)
+        do {
+            let (rewriter, _) = start(60, budget)
+            #expect(budget.inUse == 60)
+            _ = rewriter
+        }
+        #expect(budget.inUse == 0)
     }
 }
