@@ -18,17 +18,62 @@ static size_t find_any_portable(const uint8_t *p, size_t n, const uint8_t *needl
     return n;
 }
 
+static inline int hex_value(uint8_t b) {
+    if (b >= '0' && b <= '9') return b - '0';
+    if (b >= 'A' && b <= 'F') return b - 'A' + 10;
+    if (b >= 'a' && b <= 'f') return b - 'a' + 10;
+    return -1;
+}
+
+/* Whether a placeholder of the set may start at p[0] (raw, percent-encoded or JSON-escaped
+   characters, as PlaceholderMatcher.decode reads them): 0 only when every placeholder is
+   ruled out by a character that is there. Token boundaries are left to the caller. */
+static int plausible(const uint8_t *p, size_t n, const keyhole_pair_set *set) {
+    const uint8_t *placeholder = set->placeholders;
+    for (size_t e = 0; e < set->placeholder_count; placeholder += set->lengths[e], e++) {
+        size_t j = 0, k = 0, length = set->lengths[e];
+        int ruled_out = 0;
+        while (k < length) {
+            if (j >= n) return 1;
+            int c = p[j], w = 1;
+            if (c == '%') {
+                if (j + 2 >= n) return 1;
+                int hi = hex_value(p[j + 1]), lo = hex_value(p[j + 2]);
+                if (hi >= 0 && lo >= 0) { c = hi << 4 | lo; w = 3; }
+            } else if (c == '\\') {
+                if (j + 1 >= n) return 1;
+                if (p[j + 1] == 'u') {
+                    if (j + 5 >= n) return 1;
+                    int value = 0, ok = 1;
+                    for (int h = 2; h <= 5; h++) {
+                        int v = hex_value(p[j + h]);
+                        if (v < 0) { ok = 0; break; }
+                        value = value << 4 | v;
+                    }
+                    if (ok && value < 0x80) { c = value; w = 6; }
+                }
+            }
+            if (c != placeholder[k]) { ruled_out = 1; break; }
+            j += (size_t)w;
+            k++;
+        }
+        if (!ruled_out) return 1;
+    }
+    return 0;
+}
+
 /* Pair starts at i < limit; p has n bytes (a pair at the very end is incomplete: it counts). */
-static size_t find_pair_scalar(const uint8_t *p, size_t limit, size_t n, const uint8_t *firsts, const uint8_t *seconds,
-                               const uint8_t *thirds, size_t count) {
+static size_t find_pair_scalar(const uint8_t *p, size_t limit, size_t n, const keyhole_pair_set *set) {
     for (size_t i = 0; i < limit; i++) {
-        for (size_t k = 0; k < count; k++) {
-            if (p[i] != firsts[k]) continue;
+        for (size_t k = 0; k < set->count; k++) {
+            if (p[i] != set->firsts[k]) continue;
             if (i + 1 == n) return i;
-            if (p[i + 1] != seconds[k]) continue;
+            if (p[i + 1] != set->seconds[k]) continue;
             /* A third byte rules the pair out only when it is known, not 0 (no check), not an
                escape that may encode it, and different. */
-            if (thirds[k] && i + 2 < n && p[i + 2] != thirds[k] && p[i + 2] != '%' && p[i + 2] != '\\') continue;
+            uint8_t third = set->thirds[k];
+            if (third && i + 2 < n && p[i + 2] != third && p[i + 2] != '%' && p[i + 2] != '\\') continue;
+            if (!plausible(p + i, n - i, set)) break;  /* no placeholder starts here */
             return i;
         }
     }
@@ -87,14 +132,18 @@ static size_t find_any_sse2(const uint8_t *p, size_t n, const uint8_t *needles, 
     return i + find_any_portable(p + i, n - i, needles, count);
 }
 
-__attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds,
-                                                             const uint8_t *thirds, size_t count) {
-    __m256i f[16], s[16], d[4];
+__attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, size_t n, const keyhole_pair_set *set) {
+    const uint8_t *firsts = set->firsts, *seconds = set->seconds, *thirds = set->thirds;
+    size_t count = set->count;
+    __m256i f[16], s[16], t[16], d[4];
+    const __m256i percent = _mm256_set1_epi8('%'), backslash = _mm256_set1_epi8('\\');
     size_t distinct = 0;
     uint8_t seen[4] = {0};
     for (size_t k = 0; k < 16; k++) {
-        f[k] = _mm256_set1_epi8((char)firsts[k < count ? k : 0]);
-        s[k] = _mm256_set1_epi8((char)seconds[k < count ? k : 0]);
+        size_t j = k < count ? k : 0;
+        f[k] = _mm256_set1_epi8((char)firsts[j]);
+        s[k] = _mm256_set1_epi8((char)seconds[j]);
+        t[k] = _mm256_set1_epi8((char)thirds[j]);
     }
     /* The distinct first bytes, to skip blocks that hold none of them (up to 4; more:
        every block is checked pair by pair). */
@@ -108,7 +157,7 @@ __attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, s
         }
     }
     size_t i = 0;
-    while (i + 33 <= n) {
+    while (i + 34 <= n) {
         __m256i x = _mm256_loadu_si256((const __m256i *)(p + i));
         if (distinct <= 4) {
             __m256i any = _mm256_cmpeq_epi8(x, d[0]);
@@ -116,22 +165,36 @@ __attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, s
             if (_mm256_movemask_epi8(any) == 0) { i += 32; continue; }
         }
         __m256i y = _mm256_loadu_si256((const __m256i *)(p + i + 1));
-        __m256i m = _mm256_and_si256(_mm256_cmpeq_epi8(x, f[0]), _mm256_cmpeq_epi8(y, s[0]));
-        for (size_t k = 1; k < count; k++) {
-            m = _mm256_or_si256(m, _mm256_and_si256(_mm256_cmpeq_epi8(x, f[k]), _mm256_cmpeq_epi8(y, s[k])));
+        __m256i pairs[16];
+        __m256i m = _mm256_setzero_si256();
+        for (size_t k = 0; k < count; k++) {
+            pairs[k] = _mm256_and_si256(_mm256_cmpeq_epi8(x, f[k]), _mm256_cmpeq_epi8(y, s[k]));
+            m = _mm256_or_si256(m, pairs[k]);
+        }
+        if (_mm256_movemask_epi8(m) == 0) { i += 32; continue; }
+        /* Pairs found: their third bytes (or an escape that may encode one) must follow. */
+        __m256i z = _mm256_loadu_si256((const __m256i *)(p + i + 2));
+        __m256i escape = _mm256_or_si256(_mm256_cmpeq_epi8(z, percent), _mm256_cmpeq_epi8(z, backslash));
+        m = _mm256_setzero_si256();
+        for (size_t k = 0; k < count; k++) {
+            __m256i pair = pairs[k];
+            if (thirds[k]) pair = _mm256_and_si256(pair, _mm256_or_si256(_mm256_cmpeq_epi8(z, t[k]), escape));
+            m = _mm256_or_si256(m, pair);
         }
         uint32_t mask = (uint32_t)_mm256_movemask_epi8(m);
         while (mask) {
             size_t at = i + (size_t)__builtin_ctz(mask);
-            if (find_pair_scalar(p + at, 1, n - at, firsts, seconds, thirds, count) == 0) return at;
+            if (find_pair_scalar(p + at, 1, n - at, set) == 0) return at;
             mask &= mask - 1;
         }
         i += 32;
     }
-    return i + find_pair_scalar(p + i, n - i, n - i, firsts, seconds, thirds, count);
+    return i + find_pair_scalar(p + i, n - i, n - i, set);
 }
 
-static size_t find_pair_sse2(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds, const uint8_t *thirds, size_t count) {
+static size_t find_pair_sse2(const uint8_t *p, size_t n, const keyhole_pair_set *set) {
+    const uint8_t *firsts = set->firsts, *seconds = set->seconds;
+    size_t count = set->count;
     __m128i f[16], s[16];
     for (size_t k = 0; k < 16; k++) {
         f[k] = _mm_set1_epi8((char)firsts[k < count ? k : 0]);
@@ -148,11 +211,11 @@ static size_t find_pair_sse2(const uint8_t *p, size_t n, const uint8_t *firsts, 
         int mask = _mm_movemask_epi8(m);
         while (mask) {
             size_t at = i + (size_t)__builtin_ctz((unsigned)mask);
-            if (find_pair_scalar(p + at, 1, n - at, firsts, seconds, thirds, count) == 0) return at;
+            if (find_pair_scalar(p + at, 1, n - at, set) == 0) return at;
             mask &= mask - 1;
         }
     }
-    return i + find_pair_scalar(p + i, n - i, n - i, firsts, seconds, thirds, count);
+    return i + find_pair_scalar(p + i, n - i, n - i, set);
 }
 
 __attribute__((target("avx2"))) static size_t find_control_avx2(const uint8_t *p, size_t n) {
@@ -203,14 +266,13 @@ size_t keyhole_find_control(const uint8_t *p, size_t n) {
     return has_avx2() ? find_control_avx2(p, n) : find_control_sse2(p, n);
 }
 
-size_t keyhole_find_pair(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds, const uint8_t *thirds, size_t count) {
+size_t keyhole_find_pair(const uint8_t *p, size_t n, const keyhole_pair_set *set) {
     /* Candidate-dense input finds its next candidate within a few bytes: look at the first
        64 bytes one by one before paying for the vector set-up. */
     size_t head = n < 64 ? n : 64;
-    size_t found = find_pair_scalar(p, head, n, firsts, seconds, thirds, count);
+    size_t found = find_pair_scalar(p, head, n, set);
     if (found < head || head == n) return found;
-    return head + (has_avx2() ? find_pair_avx2(p + head, n - head, firsts, seconds, thirds, count)
-                              : find_pair_sse2(p + head, n - head, firsts, seconds, thirds, count));
+    return head + (has_avx2() ? find_pair_avx2(p + head, n - head, set) : find_pair_sse2(p + head, n - head, set));
 }
 
 #endif
@@ -319,8 +381,8 @@ size_t keyhole_find_any(const uint8_t *p, size_t n, const uint8_t *needles, size
 
 size_t keyhole_find_control(const uint8_t *p, size_t n) { return find_control_portable(p, n); }
 
-size_t keyhole_find_pair(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds, const uint8_t *thirds, size_t count) {
-    return find_pair_scalar(p, n, n, firsts, seconds, thirds, count);
+size_t keyhole_find_pair(const uint8_t *p, size_t n, const keyhole_pair_set *set) {
+    return find_pair_scalar(p, n, n, set);
 }
 
 const char *keyhole_simd_implementation(void) { return "portable"; }

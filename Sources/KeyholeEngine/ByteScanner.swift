@@ -33,40 +33,64 @@ struct ByteScanner: Sendable {
 /// placeholder's first two characters in each form it can be written in. A run of one
 /// candidate byte (`$$$$`, `%%%%`) then costs what plain bytes cost.
 struct PairScanner: Sendable {
-    private let firsts: SIMD16<UInt8>
-    private let seconds: SIMD16<UInt8>
-    private let thirds: SIMD16<UInt8>
-    let count: Int
+    /// The C side's table, made once per matcher and freed with it.
+    final class Table: @unchecked Sendable {
+        let set: UnsafeMutablePointer<keyhole_pair_set>
+        let placeholders: UnsafeMutablePointer<UInt8>
+        let lengths: UnsafeMutablePointer<UInt16>
 
-    /// `pairs`: first, second, and a third byte that must follow (0: any).
-    init?(_ pairs: [(UInt8, UInt8, UInt8)]) {
-        guard !pairs.isEmpty, pairs.count <= 16 else { return nil }
-        var f = SIMD16<UInt8>(repeating: pairs[0].0), s = SIMD16<UInt8>(repeating: pairs[0].1), t = SIMD16<UInt8>(repeating: pairs[0].2)
-        for (k, pair) in pairs.enumerated() {
-            f[k] = pair.0
-            s[k] = pair.1
-            t[k] = pair.2
+        init(pairs: [(UInt8, UInt8, UInt8)], placeholders list: [[UInt8]]) {
+            set = .allocate(capacity: 1)
+            set.initialize(to: keyhole_pair_set())
+            let total = list.reduce(0) { $0 + $1.count }
+            placeholders = .allocate(capacity: max(1, total))
+            lengths = .allocate(capacity: max(1, list.count))
+            var offset = 0
+            for (index, placeholder) in list.enumerated() {
+                for (k, byte) in placeholder.enumerated() { placeholders[offset + k] = byte }
+                offset += placeholder.count
+                lengths[index] = UInt16(placeholder.count)
+            }
+            withUnsafeMutableBytes(of: &set.pointee.firsts) { f in
+                withUnsafeMutableBytes(of: &set.pointee.seconds) { s in
+                    withUnsafeMutableBytes(of: &set.pointee.thirds) { t in
+                        for (k, pair) in pairs.enumerated() {
+                            f[k] = pair.0
+                            s[k] = pair.1
+                            t[k] = pair.2
+                        }
+                    }
+                }
+            }
+            set.pointee.count = pairs.count
+            set.pointee.placeholders = UnsafePointer(placeholders)
+            set.pointee.lengths = UnsafePointer(lengths)
+            set.pointee.placeholder_count = list.count
         }
-        (firsts, seconds, thirds) = (f, s, t)
-        count = pairs.count
+
+        deinit {
+            set.deallocate()
+            placeholders.deallocate()
+            lengths.deallocate()
+        }
     }
 
-    /// Index of the first pair start in `bytes[from...]` (a first byte at the very end
-    /// counts), or nil.
+    let table: Table
+
+    /// `pairs`: first, second, and a third byte that must follow (0: any); `placeholders`:
+    /// their raw bytes.
+    init?(_ pairs: [(UInt8, UInt8, UInt8)], placeholders: [[UInt8]]) {
+        guard !pairs.isEmpty, pairs.count <= 16, placeholders.allSatisfy({ $0.count <= Int(UInt16.max) }) else { return nil }
+        table = Table(pairs: pairs, placeholders: placeholders)
+    }
+
+    /// Index of the first plausible placeholder start in `bytes[from...]` (a first byte at
+    /// the very end counts), or nil.
     @inline(__always)
     func firstIndex(in bytes: UnsafeRawBufferPointer, from: Int) -> Int? {
         guard from < bytes.count, let base = bytes.baseAddress else { return nil }
         let remaining = bytes.count - from
-        var f = firsts, s = seconds, t = thirds
-        let found = withUnsafePointer(to: &f) { fp in
-            withUnsafePointer(to: &s) { sp in
-                withUnsafePointer(to: &t) { tp in
-                    keyhole_find_pair(
-                        base.assumingMemoryBound(to: UInt8.self) + from, remaining, UnsafeRawPointer(fp).assumingMemoryBound(to: UInt8.self),
-                        UnsafeRawPointer(sp).assumingMemoryBound(to: UInt8.self), UnsafeRawPointer(tp).assumingMemoryBound(to: UInt8.self), count)
-                }
-            }
-        }
+        let found = keyhole_find_pair(base.assumingMemoryBound(to: UInt8.self) + from, remaining, table.set)
         return found == remaining ? nil : from + found
     }
 }

@@ -115,7 +115,7 @@ public struct PlaceholderMatcher: Sendable {
             if high >= UInt8(ascii: "A") { add(UInt8(ascii: "%"), high | 0x20, third) }
         }
         add(UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"))  // `\u00XX`: placeholders are ASCII
-        self.pairScanner = entries.allSatisfy({ $0.bytes.count > 2 }) ? PairScanner(pairs) : nil
+        self.pairScanner = entries.allSatisfy({ $0.bytes.count > 2 }) ? PairScanner(pairs, placeholders: entries.map(\.bytes)) : nil
     }
 
     /// Where placeholders can start, by their first two bytes; nil when they need more

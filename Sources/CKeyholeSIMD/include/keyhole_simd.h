@@ -9,11 +9,24 @@
 /// elsewhere.
 size_t keyhole_find_any(const uint8_t *p, size_t n, const uint8_t *needles, size_t count);
 
-/// Index of the first i in p[0..<n] where (p[i], p[i+1]) is one of the pairs
-/// (firsts[k], seconds[k]) for k < count (count 1...16), and p[i+2] is thirds[k] when
-/// thirds[k] is not 0 (or p[i+2] is '%' or '\\', or not there yet); an i = n-1 whose p[i]
-/// is one of the firsts counts too (its pair is not complete yet). n when there is none.
-size_t keyhole_find_pair(const uint8_t *p, size_t n, const uint8_t *firsts, const uint8_t *seconds, const uint8_t *thirds, size_t count);
+/// Where placeholders can start: up to 16 byte pairs (a third byte each, 0 for any), and the
+/// placeholders themselves (concatenated, with their lengths) to rule a pair out by
+/// decoding what follows it.
+typedef struct {
+    uint8_t firsts[16];
+    uint8_t seconds[16];
+    uint8_t thirds[16];
+    size_t count;
+    const uint8_t *placeholders;
+    const uint16_t *lengths;
+    size_t placeholder_count;
+} keyhole_pair_set;
+
+/// Index of the first i in p[0..<n] where one of the set's pairs starts (and its third byte
+/// follows, or an escape, or nothing yet) and a placeholder may start, decoding raw, `%XX`
+/// and `\uXXXX` characters; an i = n-1 whose p[i] is a first byte counts too (undecided).
+/// n when there is none.
+size_t keyhole_find_pair(const uint8_t *p, size_t n, const keyhole_pair_set *set);
 
 /// Index of the first control byte (< 0x20 or 0x7F) of p[0..<n], or n.
 size_t keyhole_find_control(const uint8_t *p, size_t n);
