@@ -50,22 +50,11 @@ struct PlaceholderMatcherTests {
 /// of placeholder pieces, escapes and candidate bytes; fixed seed).
 @Suite("Placeholder matcher quick rejection")
 struct PlaceholderQuickRejectionTests {
-    struct Generator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {  // splitmix64
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     @Test func neverRejectsWhatTheFullMatchFinds() {
         let matcher = PlaceholderMatcher(placeholders: [Array("$MSB_TOKEN".utf8), Array("PH_KEY".utf8), Array("{{vault}}".utf8)])
         let pieces = ["$", "%", "\\", "u", "0", "2", "4", "M", "S", "B", "_", "T", "O", "K", "E", "N", "P", "H", "Y", "{", "v", "a", "}",
                       "%24", "%4D", "%4d", "\\u0024", "\\u004D", "$MSB_TOKEN", "PH_KEY", "{{vault}}", "x", "="]
-        var random = Generator(state: 42)
+        var random = SplitMix(seed: 42)
         var checked = 0
         var rejected = 0
         for _ in 0..<20_000 {
@@ -97,7 +86,7 @@ struct PlaceholderQuickRejectionTests {
         #expect(matcher.pairScanner != nil)
         let pieces = ["$", "%", "\\", "u", "0", "2", "4", "M", "S", "P", "H", "_", "{", "x", "%24", "%50", "%7b", "\\u0024", "$MSB_TOKEN", "PH_KEY",
                       "{{vault}}", String(repeating: "a", count: 40), String(repeating: "$M", count: 20)]
-        var random = Generator(state: 7)
+        var random = SplitMix(seed: 7)
         for _ in 0..<3000 {
             var text = ""
             for _ in 0..<Int.random(in: 1...30, using: &random) { text += pieces.randomElement(using: &random)! }

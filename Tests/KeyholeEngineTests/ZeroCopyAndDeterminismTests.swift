@@ -98,7 +98,7 @@ struct ZeroCopyAndDeterminismTests {
     }
 }
 
-struct SplitMix {
+struct SplitMix: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { state = seed }
     mutating func next() -> UInt64 {
