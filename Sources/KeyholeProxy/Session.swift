@@ -140,7 +140,7 @@ final class Session {
             guard let hostname else { return }
             let problem: String
             if let der = try? client.peerCertificate?.toDERBytes() {
-                guard let found = UpstreamName.problem(certificateDER: der, name: hostname) else {
+                guard let found = self.shared.tls.upstreamNames.problem(certificateDER: der, name: hostname) else {
                     self.verifiedName = hostname
                     return
                 }

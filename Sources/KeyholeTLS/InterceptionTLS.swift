@@ -8,6 +8,8 @@ public final class InterceptionTLS: Sendable {
     public let forge: LeafForge
     /// Upstream verification: the system trust store plus `network.upstream_ca`.
     public let upstreamContext: NIOSSLContext
+    /// Upstream certificates already checked for a name.
+    public let upstreamNames = UpstreamNameCache()
     let cache: LeafCertificateCache<NIOSSLContext>
 
     public init(ca: SandboxCA, upstreamCAFiles: [String], cacheCapacity: Int = 1024) throws(TLSError) {

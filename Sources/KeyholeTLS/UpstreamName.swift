@@ -1,5 +1,6 @@
 import KeyholePolicy
 import SwiftASN1
+import Synchronization
 public import X509
 
 /// Whether an upstream's certificate establishes a host *name* (BRIEF §4 (d)): a dNSName
@@ -56,4 +57,37 @@ public enum UpstreamName {
         let firstLabel = host[..<dot]
         return !firstLabel.isEmpty && host[host.index(after: dot)...] == suffix
     }
+}
+
+/// `UpstreamName.problem` remembered per (certificate, name): an upstream presents the same
+/// certificate to every connection, and parsing it (swift-certificates) was a measurable
+/// part of a new connection's cost. Only the result of this pure check is kept; the chain is
+/// verified on every handshake. Bounded: emptied when full.
+public final class UpstreamNameCache: Sendable {
+    struct Key: Hashable {
+        var der: [UInt8]
+        var name: String
+    }
+
+    public let capacity: Int
+    private let entries: Mutex<[Key: String?]>
+
+    public init(capacity: Int = 1024) {
+        self.capacity = capacity
+        self.entries = Mutex([:])
+    }
+
+    /// Why the certificate (DER) does not establish `name`, or nil when it does.
+    public func problem(certificateDER der: [UInt8], name: String) -> String? {
+        let key = Key(der: der, name: HostName.normalize(name))
+        if let known = entries.withLock({ $0[key] }) { return known }
+        let problem = UpstreamName.problem(certificateDER: der, name: name)
+        entries.withLock { table in
+            if table.count >= capacity { table.removeAll(keepingCapacity: true) }
+            table[key] = .some(problem)
+        }
+        return problem
+    }
+
+    public var count: Int { entries.withLock { $0.count } }
 }

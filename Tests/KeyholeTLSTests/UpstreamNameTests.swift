@@ -67,4 +67,20 @@ struct UpstreamNameTests {
     @Test func unreadableCertificatesNeverVerify() {
         #expect(UpstreamName.problem(certificateDER: [0x30, 0x03, 0x02, 0x01, 0x00], name: "api.good.test") != nil)
     }
+
+    @Test func theCacheGivesTheSameAnswersAndStaysBounded() throws {
+        var serializer = DER.Serializer()
+        try serializer.serialize(try certificate([.dnsName("api.good.test")]))
+        let der = serializer.serializedBytes
+        var ipSerializer = DER.Serializer()
+        try ipSerializer.serialize(try certificate([.ipAddress(ASN1OctetString(contentBytes: [203, 0, 113, 12]))]))
+        let cache = UpstreamNameCache(capacity: 3)
+        for _ in 0..<2 {
+            #expect(cache.problem(certificateDER: der, name: "api.good.test") == nil)
+            #expect(cache.problem(certificateDER: der, name: "API.good.test.") == nil)
+            #expect(cache.problem(certificateDER: der, name: "evil.test") != nil)
+            #expect(cache.problem(certificateDER: ipSerializer.serializedBytes, name: "api.good.test") != nil)
+        }
+        #expect(cache.count <= 3)
+    }
 }
