@@ -100,6 +100,12 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .setUp(let kind):
                 timeout?.cancel()
                 guard let session else { continue }
+                // An upstream that accepts the connection but never completes its TLS
+                // handshake must not hold the guest forever.
+                timeout = context.eventLoop.assumeIsolated().scheduleTask(in: shared.configuration.connectTimeout) {
+                    session.record(.warn, "upstream-setup-timeout", reason: "the upstream did not complete its handshake in time", action: "reset")
+                    self.perform(self.machine.upstreamFailed())
+                }
                 session.setUp(kind: kind, context: context).assumeIsolated().whenComplete { result in
                     switch result {
                     case .success: self.handOver()
@@ -115,6 +121,7 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Replays what was read to the pipeline that now follows, removes itself, reads again.
     private func handOver() {
+        timeout?.cancel()
         guard let context else { return }
         let replay = machine.setUpDone()
         if let replay, replay.readableBytes > 0 { context.fireChannelRead(NIOAny(replay)) }

@@ -197,4 +197,19 @@ struct ConnectionEndToEndTests {
         #expect(kilobytes < 150 * 1024, "proxy peak RSS \(kilobytes) KiB")
         _ = silent
     }
+
+    @Test func anUpstreamThatNeverCompletesItsHandshakeDoesNotHoldTheGuest() throws {
+        let harness = try ProxyHarness()
+        defer { harness.close() }
+        // Accepts the connection, reads the ClientHello, never answers.
+        let silent = try harness.listener("203.0.113.10", port: 443, extra: ["--silent"])
+        try harness.startProxy(policy: Self.policy)
+        let start = Date()
+        let result = try harness.curl("https://api.example.test/never", "--max-time 30")
+        let seconds = Date().timeIntervalSince(start)
+        #expect(result.status != 0)
+        #expect(seconds < 20, "the guest waited \(seconds) s (the connect timeout is 10 s)")
+        #expect(harness.audit.contains("\"event\":\"upstream-setup-timeout\""), "\(harness.audit)")
+        _ = silent
+    }
 }
