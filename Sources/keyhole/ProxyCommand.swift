@@ -242,7 +242,10 @@ struct ProxyCommand: AsyncParsableCommand {
             let guarded = guards[index]
             Output.err(
                 "keyhole proxy: guarding \(interface) for sandbox \(guarded.policyName) (nft table inet \(guarded.rules.tableName), "
-                    + "proxy port \(guarded.listening.port ?? 0), DNS answers on NFQUEUE \(guarded.rules.queueNumber))")
+                    + "proxy port \(guarded.listening.port ?? 0), DNS answers on NFQUEUE \(guarded.rules.queueNumber); "
+                    + "trusted resolvers \(guarded.rules.resolvers.map(\.description).joined(separator: ", "))"
+                    + (loaded[index].network.dns.isEmpty ? " from /etc/resolv.conf" : " from network.dns")
+                    + ": guest DNS to any other address goes there)")
         }
         return (guards, forwarding)
     }
