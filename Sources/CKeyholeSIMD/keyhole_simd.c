@@ -184,7 +184,8 @@ __attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, s
         uint32_t mask = (uint32_t)_mm256_movemask_epi8(m);
         while (mask) {
             size_t at = i + (size_t)__builtin_ctz(mask);
-            if (find_pair_scalar(p + at, 1, n - at, set) == 0) return at;
+            /* The vector compare checked the pair and its third byte: decode what follows. */
+            if (plausible(p + at, n - at, set)) return at;
             mask &= mask - 1;
         }
         i += 32;
