@@ -158,10 +158,9 @@ extension RewriterCore {
         // The message's payload as one, with where each data frame's part starts.
         var message: [UInt8] = []
         var starts: [Int] = []
-        for (index, frame) in frames.enumerated() where !frame.isControl {
+        for frame in frames where !frame.isControl {
             starts.append(message.count)
             message += frame.plain
-            _ = index
         }
         let dataFrames = frames.indices.filter { !frames[$0].isControl }
         var replacements: [Int: [(range: Range<Int>, value: ByteBuffer)]] = [:]
