@@ -118,6 +118,7 @@ public final class RequestRewriter {
 
     deinit {
         core.releaseHeldBody()
+        core.releaseWebSocketReservation()
     }
 
     public var identity: ConnectionIdentity { core.identity }

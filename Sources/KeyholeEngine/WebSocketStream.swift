@@ -5,13 +5,19 @@ import NIOCore
 /// unmasked.
 ///
 /// A data message (its frames up to FIN, with any control frames between them) is held
-/// until it is complete, up to `maxHeldMessage`; then its unmasked payload is scanned as
-/// one: a placeholder in a text message, inside one frame, to a host whose identity holds,
-/// with `inject.body`, is substituted (the frame is rebuilt with its new length and masked
-/// again with its own key); anywhere else it is a violation (split across frames, in a
-/// binary message, in a control frame, or not allowed there). A larger message is streamed
-/// as it comes and only scanned: any placeholder in it is a violation. Frames with no
-/// placeholder go on as the guest's own bytes.
+/// until it is complete, within bounds: `maxHeldMessage` bytes (headers and control frames
+/// count), `maxHeldFrames` frames, and what the process's `HeldBodyBudget` can give. Then
+/// its unmasked payload is scanned as one: a placeholder in a text message, inside one
+/// frame, to a host whose identity holds, with `inject.body`, is substituted (the frame is
+/// rebuilt with its new length and masked again with its own key); anywhere else it is a
+/// violation (split across frames, in a binary message, in a control frame, or not allowed
+/// there).
+///
+/// A message that does not fit the bounds — known from a frame's header, before its payload
+/// arrives — is streamed and only scanned: any placeholder in it is a violation. Its bytes
+/// go on as soon as the scanner has decided the plain bytes before them, so no part of a
+/// placeholder is forwarded ahead of the decision. Frames with no placeholder go on as the
+/// guest's own bytes.
 struct WebSocketStream {
     struct Frame {
         var fin: Bool
@@ -25,10 +31,14 @@ struct WebSocketStream {
         var plain: [UInt8] = []
 
         var isControl: Bool { opcode >= 8 }
+        /// What holding it costs: its header and its payload, twice (masked and plain).
+        var cost: Int { header.readableBytes + 2 * length }
     }
 
-    /// The largest data message held for substitution.
-    static let maxHeldMessage = 1 << 20
+    /// What a held message may cost (headers, payloads as sent and unmasked, control frames).
+    static let maxHeldMessage = 2 << 20
+    /// The most frames a held message may have (empty continuations and pings included).
+    static let maxHeldFrames = 1024
 
     var header: [UInt8] = []
     var frame: Frame?
@@ -36,9 +46,17 @@ struct WebSocketStream {
     /// The data message being assembled (text 1 or binary 2); nil between messages.
     var messageOpcode: UInt8?
     var held: [Frame] = []
-    var heldBytes = 0
-    /// The current message is too large to hold: streamed, and scanned by `streamScanner`.
+    var heldCost = 0
+    /// What this connection holds of the process's budget.
+    var reserved = 0
+    /// The current message does not fit the hold: streamed, and scanned by `streaming`.
     var streaming: StreamScanner?
+    /// Streaming: the guest's bytes waiting for the scanner to decide the plain bytes before
+    /// them. `at` is the plain position the bytes start at; `payload` bytes are released as
+    /// far as the decision reaches, headers and control frames once it reaches `at`.
+    var outbox = CircularBuffer<(at: Int, bytes: ByteBuffer, payload: Bool)>()
+    /// Streaming: plain bytes given to the scanner.
+    var streamed = 0
 
     /// How many header bytes a frame starting with `header` has (once two are known).
     static func headerLength(_ header: [UInt8]) -> Int {
@@ -65,8 +83,9 @@ extension RewriterCore {
             }
             webSocket.remaining -= n
             if !webSocket.frame!.isControl, webSocket.streaming != nil {
-                // A message too large to hold: forward as it comes, scan the plain bytes.
-                output.forward(piece)
+                // Streamed: released as the scanner decides the plain bytes.
+                webSocket.outbox.append((webSocket.streamed, piece, true))
+                webSocket.streamed += n
                 webSocket.streaming!.append(ByteBuffer(bytes: plain))
                 scanStreamingMessage(final: false, &output)
             } else {
@@ -107,10 +126,29 @@ extension RewriterCore {
         let frame = WebSocketStream.Frame(
             fin: fin, opcode: opcode, key: Array(h[k..<(k + 4)]), length: length, header: ByteBuffer(bytes: h))
         if opcode == 1 || opcode == 2 { webSocket.messageOpcode = opcode }
+        // Within a message, decide from the header whether the frame can be held.
+        if webSocket.messageOpcode != nil, webSocket.streaming == nil, !holdFits(frame) {
+            startStreaming(&output)
+            if case .blocked = state { return }
+        }
         webSocket.frame = frame
         webSocket.remaining = length
-        if !control, webSocket.streaming != nil { output.insert(frame.header) }
+        if !control, webSocket.streaming != nil { webSocket.outbox.append((webSocket.streamed, frame.header, false)) }
         if length == 0 { completeFrame(&output) }
+    }
+
+    /// Whether the held message can take `frame` too; if so, its cost is reserved.
+    private mutating func holdFits(_ frame: WebSocketStream.Frame) -> Bool {
+        let cost = frame.cost
+        guard webSocket.held.count < WebSocketStream.maxHeldFrames, webSocket.heldCost + cost <= WebSocketStream.maxHeldMessage else {
+            return false
+        }
+        if let heldBodyBudget {
+            guard heldBodyBudget.reserve(cost) else { return false }
+            webSocket.reserved += cost
+        }
+        webSocket.heldCost += cost
+        return true
     }
 
     private mutating func completeFrame(_ output: inout RewriteOutput) {
@@ -119,7 +157,12 @@ extension RewriterCore {
         if frame.isControl {
             // Never substituted; a placeholder in a ping, pong or close is a violation.
             if let violation = firstPlaceholder(in: frame.plain, reason: .neverSubstituted) { return block(violation, &output) }
-            if webSocket.messageOpcode == nil || webSocket.streaming != nil {
+            if webSocket.streaming != nil {
+                // After the message's bytes so far, once they are decided.
+                webSocket.outbox.append((webSocket.streamed, frame.header, false))
+                for piece in frame.payload { webSocket.outbox.append((webSocket.streamed, piece, false)) }
+                releaseStreamed(&output)
+            } else if webSocket.messageOpcode == nil {
                 emit(frame, &output)
             } else {
                 webSocket.held.append(frame)  // keeps its place among the message's frames
@@ -127,24 +170,10 @@ extension RewriterCore {
             return
         }
         if webSocket.streaming != nil {
-            if frame.fin {
-                scanStreamingMessage(final: true, &output)
-                webSocket.streaming = nil
-                webSocket.messageOpcode = nil
-            }
+            if frame.fin { endStreaming(&output) }
             return
         }
         webSocket.held.append(frame)
-        webSocket.heldBytes += frame.length
-        if webSocket.heldBytes > WebSocketStream.maxHeldMessage {
-            startStreaming(&output)
-            if frame.fin {
-                scanStreamingMessage(final: true, &output)
-                webSocket.streaming = nil
-                webSocket.messageOpcode = nil
-            }
-            return
-        }
         if frame.fin { completeMessage(&output) }
     }
 
@@ -153,16 +182,27 @@ extension RewriterCore {
         let frames = webSocket.held
         let text = webSocket.messageOpcode == 1
         webSocket.held = []
-        webSocket.heldBytes = 0
         webSocket.messageOpcode = nil
+        releaseHold()
         // The message's payload as one, with where each data frame's part starts.
         var message: [UInt8] = []
         var starts: [Int] = []
-        for frame in frames where !frame.isControl {
-            starts.append(message.count)
-            message += frame.plain
-        }
         let dataFrames = frames.indices.filter { !frames[$0].isControl }
+        for index in dataFrames {
+            starts.append(message.count)
+            message += frames[index].plain
+        }
+        // The data frame holding byte `position` of the message (starts ascend; empty
+        // frames share a start, and the last of them holds the byte).
+        func part(_ position: Int) -> Int {
+            var low = 0
+            var high = starts.count
+            while low < high {
+                let mid = (low + high) / 2
+                if starts[mid] <= position { low = mid + 1 } else { high = mid }
+            }
+            return low - 1
+        }
         var replacements: [Int: [(range: Range<Int>, value: ByteBuffer)]] = [:]
         var i = 0
         var failure: Violation?
@@ -174,9 +214,8 @@ extension RewriterCore {
                     continue
                 }
                 i = c + length
-                let first = starts.lastIndex { $0 <= c }!
-                let last = starts.lastIndex { $0 <= c + length - 1 }!
-                guard first == last else {
+                let first = part(c)
+                guard first == part(c + length - 1) else {
                     failure = makeViolation(secret: secret, site: .websocket, form: form, reason: .splitAcrossFrames)
                     return
                 }
@@ -212,20 +251,37 @@ extension RewriterCore {
         flushSubstitutionEvents(&output)
     }
 
-    /// A message outgrew the hold: what was held goes on now, and the rest is streamed,
-    /// scanned only.
+    /// The message outgrew the hold: what was held is scanned and released as decided, and
+    /// the rest is streamed, scanned only.
     private mutating func startStreaming(_ output: inout RewriteOutput) {
         var scanner = StreamScanner(matcher: matcher)
+        webSocket.streamed = 0
         for frame in webSocket.held {
-            if !frame.isControl { scanner.append(ByteBuffer(bytes: frame.plain)) }
+            webSocket.outbox.append((webSocket.streamed, frame.header, false))
+            if frame.isControl {
+                for piece in frame.payload { webSocket.outbox.append((webSocket.streamed, piece, false)) }
+                continue
+            }
+            var at = webSocket.streamed
+            for piece in frame.payload {
+                webSocket.outbox.append((at, piece, true))
+                at += piece.readableBytes
+            }
+            scanner.append(ByteBuffer(bytes: frame.plain))
+            webSocket.streamed += frame.plain.count
         }
         webSocket.streaming = scanner
-        let frames = webSocket.held
         webSocket.held = []
-        webSocket.heldBytes = 0
+        releaseHold()
         scanStreamingMessage(final: false, &output)
+    }
+
+    /// The streamed message ended: decide the rest, release it, and go back to holding.
+    private mutating func endStreaming(_ output: inout RewriteOutput) {
+        scanStreamingMessage(final: true, &output)
         if case .blocked = state { return }
-        for frame in frames { emit(frame, &output) }
+        webSocket.streaming = nil
+        webSocket.messageOpcode = nil
     }
 
     private mutating func scanStreamingMessage(final: Bool, _ output: inout RewriteOutput) {
@@ -233,9 +289,46 @@ extension RewriterCore {
         webSocket.streaming!.drain(final: final, into: &found)
         for item in found {
             if case .match(let secret, let form, _) = item {
+                webSocket.outbox.removeAll()
                 return block(makeViolation(secret: secret, site: .websocket, form: form, reason: .binaryOrLargeMessage), &output)
             }
         }
+        releaseStreamed(&output)
+    }
+
+    /// Forwards what the scanner has decided.
+    private mutating func releaseStreamed(_ output: inout RewriteOutput) {
+        let decided = webSocket.streaming!.position
+        while let first = webSocket.outbox.first, first.at <= decided {
+            guard first.payload else {
+                output.insert(webSocket.outbox.removeFirst().bytes)
+                continue
+            }
+            let clear = decided - first.at
+            if clear >= first.bytes.readableBytes {
+                output.forward(webSocket.outbox.removeFirst().bytes)
+            } else {
+                if clear > 0 {
+                    var rest = webSocket.outbox.removeFirst()
+                    output.forward(rest.bytes.readSlice(length: clear)!)
+                    rest.at += clear
+                    webSocket.outbox.prepend(rest)
+                }
+                return
+            }
+        }
+    }
+
+    /// Gives back what the held message took of the process's budget.
+    private mutating func releaseHold() {
+        webSocket.heldCost = 0
+        releaseWebSocketReservation()
+    }
+
+    mutating func releaseWebSocketReservation() {
+        guard webSocket.reserved > 0 else { return }
+        heldBodyBudget?.release(webSocket.reserved)
+        webSocket.reserved = 0
     }
 
     mutating func finishWebSocket(_ output: inout RewriteOutput) {
@@ -246,16 +339,24 @@ extension RewriterCore {
         }
         var partial = webSocket.held
         if let frame = webSocket.frame { partial.append(frame) }
+        defer {
+            webSocket.held = []
+            webSocket.frame = nil
+            releaseHold()
+        }
+        // Each frame on its own (an unfinished message is never substituted), then the
+        // message's data as one (a placeholder split across its frames).
         for frame in partial {
             if let violation = firstPlaceholder(in: frame.plain, reason: .neverSubstituted) { return block(violation, &output) }
         }
+        var message: [UInt8] = []
+        for frame in partial where !frame.isControl { message += frame.plain }
+        if let violation = firstPlaceholder(in: message, reason: .splitAcrossFrames) { return block(violation, &output) }
         for frame in webSocket.held { emit(frame, &output) }
         if let frame = webSocket.frame {
             output.insert(frame.header)
             for piece in frame.payload { output.forward(piece) }
         }
-        webSocket.held = []
-        webSocket.frame = nil
     }
 
     private func emit(_ frame: WebSocketStream.Frame, _ output: inout RewriteOutput) {

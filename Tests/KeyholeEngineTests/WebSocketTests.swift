@@ -63,8 +63,11 @@ struct WebSocketTests {
         var framingErrors: [FramingError] { events.compactMap { if case .framingError(let e, _) = $0 { return e } else { return nil } } }
     }
 
-    func run(_ frames: [UInt8], secrets: [Secret]? = nil, identity: ConnectionIdentity = .verifiedTLS(sni: "api.example.com"), chunk: Int? = nil, finish: Bool = true) -> Outcome {
-        let rewriter = RequestRewriter(identity: identity, secrets: secrets ?? [bodySecret])
+    func run(
+        _ frames: [UInt8], secrets: [Secret]? = nil, identity: ConnectionIdentity = .verifiedTLS(sni: "api.example.com"), chunk: Int? = nil,
+        finish: Bool = true, budget: HeldBodyBudget? = nil
+    ) -> Outcome {
+        let rewriter = RequestRewriter(identity: identity, secrets: secrets ?? [bodySecret], heldBodyBudget: budget)
         var output = RewriteOutput()
         var bytes: [UInt8] = []
         var events: [RewriteEvent] = []
@@ -170,5 +173,123 @@ struct WebSocketTests {
         #expect(run(Self.frame(Array("hi".utf8), opcode: 0)).framingErrors == [.websocketProtocol], "a continuation needs a message")
         #expect(run(Self.frame(Array("hi".utf8), opcode: 3)).framingErrors == [.websocketProtocol], "reserved opcode")
         #expect(run(Self.frame([UInt8](repeating: 1, count: 126), opcode: 9)).framingErrors == [.websocketProtocol], "long ping")
+    }
+
+    // MARK: bounds (what a hostile guest sends after the 101)
+
+    /// The header of a frame whose payload has not arrived yet.
+    static func header(length: Int, opcode: UInt8 = 1, fin: Bool = true, key: [UInt8] = [0x37, 0xFA, 0x21, 0x3D]) -> [UInt8] {
+        var bytes: [UInt8] = [(fin ? 0x80 : 0) | opcode]
+        if length < 126 {
+            bytes.append(0x80 | UInt8(length))
+        } else if length <= 0xFFFF {
+            bytes += [0x80 | 126, UInt8(length >> 8), UInt8(length & 0xFF)]
+        } else {
+            bytes.append(0x80 | 127)
+            for shift in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8((length >> shift) & 0xFF)) }
+        }
+        return bytes + key
+    }
+
+    /// Masks `plain` as the payload bytes at `offset` of a frame with `key`.
+    static func masked(_ plain: [UInt8], offset: Int = 0, key: [UInt8] = [0x37, 0xFA, 0x21, 0x3D]) -> [UInt8] {
+        plain.enumerated().map { $0.element ^ key[($0.offset + offset) & 3] }
+    }
+
+    /// Feeds pieces one by one, returning what went upstream after each.
+    func feed(_ pieces: [[UInt8]], budget: HeldBodyBudget? = nil) -> (after: [[UInt8]], events: [RewriteEvent], rewriter: RequestRewriter) {
+        let rewriter = RequestRewriter(identity: .verifiedTLS(sni: "api.example.com"), secrets: [bodySecret], heldBodyBudget: budget)
+        var output = RewriteOutput()
+        rewriter.consume(ByteBuffer(string: Self.upgrade), into: &output)
+        rewriter.upgradeAccepted(websocket: true, into: &output)
+        output = RewriteOutput()
+        var after: [[UInt8]] = []
+        var events: [RewriteEvent] = []
+        for piece in pieces {
+            rewriter.consume(ByteBuffer(bytes: piece), into: &output)
+            after.append(output.upstream.flatMap { Array($0.readableBytesView) })
+            events += output.events
+            output = RewriteOutput()
+        }
+        return (after, events, rewriter)
+    }
+
+    @Test func aHugeDeclaredFrameIsStreamedFromItsHeaderNotHeld() {
+        // 1 GiB declared; 3 MiB sent: it goes on as it comes (minus a placeholder's lookahead).
+        let piece = Self.masked([UInt8](repeating: 0x61, count: 1 << 20))  // 1 MiB: a multiple of 4, so the key phase repeats
+        let fed = feed([Self.header(length: 1 << 30, fin: true), piece, piece, piece])
+        let forwarded = fed.after.reduce(0) { $0 + $1.count }
+        #expect(forwarded >= 14 + 3 * (1 << 20) - 64, "forwarded \(forwarded)")
+        #expect(fed.events.isEmpty)
+    }
+
+    @Test func controlAndEmptyFramesCountTowardTheHold() {
+        // A message opened, then endless empty continuations and pings: each costs its header,
+        // and past the frame cap the message streams: they go on instead of piling up.
+        var pieces: [[UInt8]] = [Self.text("open", fin: false)]
+        for i in 0..<5000 { pieces.append(i % 2 == 0 ? Self.frame([], opcode: 0, fin: false) : Self.frame([], opcode: 9)) }
+        let fed = feed(pieces)
+        let forwarded = fed.after.reduce(0) { $0 + $1.count }
+        #expect(forwarded >= 5000 * 6 - WebSocketTests.maxHeldFrames * 6, "forwarded \(forwarded)")
+        #expect(fed.events.isEmpty)
+    }
+    static let maxHeldFrames = 1024
+
+    @Test func manyFramesAndManyPlaceholdersStayCorrect() {
+        // Many small frames, a placeholder in each: substituted frame by frame.
+        var input: [UInt8] = Self.text("$MSB_TOKEN", fin: false)
+        for _ in 0..<900 { input += Self.frame(Array("$MSB_TOKEN".utf8), opcode: 0, fin: false) }
+        input += Self.frame(Array("$MSB_TOKEN".utf8), opcode: 0)
+        let outcome = run(input)
+        #expect(outcome.violations.isEmpty)
+        let frames = Self.frames(outcome.frames)
+        #expect(frames.count == 902 && frames.allSatisfy { $0.2 == "real-token-value" })
+        // Past the frame cap the message streams, and a placeholder in it is refused.
+        var many: [UInt8] = Self.text("x", fin: false)
+        for _ in 0..<2000 { many += Self.frame([], opcode: 0, fin: false) }
+        many += Self.frame(Array("$MSB_TOKEN".utf8), opcode: 0)
+        #expect(run(many).violations.first?.reason == .binaryOrLargeMessage)
+    }
+
+    @Test func aHeldMessageTakesFromTheProcessBudget() {
+        let budget = HeldBodyBudget(limit: 1000)
+        // Held within the budget: substituted, and given back.
+        let small = run(Self.text("$MSB_TOKEN"), budget: budget)
+        #expect(small.violations.isEmpty && Self.frames(small.frames).first?.2 == "real-token-value")
+        #expect(budget.inUse == 0)
+        // Over the budget: streamed (placeholder-free messages still pass, byte-identical).
+        let big = Self.text(String(repeating: "y", count: 2000))
+        #expect(run(big, budget: budget).frames == big)
+        #expect(budget.inUse == 0)
+        // What a connection holds is taken while it holds it.
+        let fed = feed([Self.text(String(repeating: "z", count: 400), fin: false)], budget: budget)
+        #expect(budget.inUse > 0)
+        withExtendedLifetime(fed.rewriter) {}
+        _ = fed
+    }
+
+    @Test func aPlaceholderSplitAcrossFramesOfAnUnfinishedMessageIsRefusedWhenTheGuestCloses() {
+        let outcome = run(Self.text("a $MSB_TO", fin: false) + Self.text("KEN b", fin: false, opcode: 0))
+        #expect(outcome.violations.first?.reason == .splitAcrossFrames)
+        #expect(outcome.frames.isEmpty)
+        // And a clean unfinished message goes on as sent.
+        let clean = Self.text("a ", fin: false) + Self.text("b", fin: false, opcode: 0)
+        #expect(run(clean).frames == clean)
+    }
+
+    @Test func aStreamedMessageHoldsBackWhatMayBeginAPlaceholder() {
+        // A large frame whose first read ends inside a placeholder: the start of it is not
+        // forwarded before the rest decides it.
+        let before = [UInt8](repeating: 0x61, count: 3 << 20)
+        let plain = before + Array("$MSB_TOKEN and more".utf8)
+        let masked = Self.masked(plain)
+        let cut = before.count + 7  // "$MSB_TO"
+        let fed = feed([Self.header(length: plain.count), Array(masked[..<cut]), Array(masked[cut...])])
+        let firstRead = fed.after[0] + fed.after[1]
+        let forwardedPlain = Self.masked(Array(firstRead.dropFirst(14)))
+        #expect(forwardedPlain.count >= before.count - 64, "the frame streams as it comes")
+        #expect(!forwardedPlain.contains(0x24), "no byte of the placeholder went upstream")
+        #expect(fed.events.contains { if case .violation = $0 { return true } else { return false } })
+        #expect(fed.after[2].isEmpty)
     }
 }
