@@ -66,6 +66,8 @@ public struct RewriteOutput {
     /// Write `HTTP/1.1 100 Continue` to the guest: the engine holds a body the guest will
     /// only send after it (the `Expect` header is not forwarded).
     public var continueToGuest = false
+    /// One per request sent upstream, in order: how to read its response.
+    public var expectedResponses: [ExpectedResponse] = []
     /// Input bytes the engine copied (only a request head split across reads is coalesced).
     public private(set) var copiedInputBytes = 0
     /// Bytes the engine produced: replacement values, rewritten lengths, chunk framing.
@@ -207,7 +209,7 @@ struct RewriterCore {
     let sniBytes: [UInt8]
 
     var state: State
-    var scanner: StreamScanner
+    var scanner: StreamScanner<PlaceholderMatcher>
     // Current request.
     var head = RequestHead()
     var headBuffer = ByteBuffer()

@@ -114,6 +114,7 @@ extension RewriterCore {
             state = .blocked
             return
         }
+        output.expectedResponses.append(expectedResponse())
 
         // A body is a site of its own: what the previous request's body ended with is no
         // token boundary for a placeholder at the start of this one.
@@ -155,6 +156,19 @@ extension RewriterCore {
             emitHead(&output)
             finishRequest(&output)
         }
+    }
+
+    /// How the response to the request just parsed is framed.
+    func expectedResponse() -> ExpectedResponse {
+        var response = ExpectedResponse(isConnect: head.isConnect)
+        headBuffer.withUnsafeReadableBytes { b in
+            response.isHead = head.method.count == 4 && b[head.method].elementsEqual("HEAD".utf8)
+            if head.upgrade, let field = head.fields.first(where: { $0.kind == .upgrade }) {
+                response.upgrade = String(decoding: UnsafeRawBufferPointer(rebasing: b[field.value]), as: UTF8.self)
+                    .split(separator: ",").map { UpgradeDecision.token($0) }.filter { !$0.isEmpty }
+            }
+        }
+        return response
     }
 
     mutating func finishRequest(_ output: inout RewriteOutput) {

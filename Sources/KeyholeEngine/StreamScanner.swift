@@ -4,18 +4,31 @@ import NIOCore
 enum StreamItem {
     /// Bytes with no placeholder in them: a slice of the input, never a copy.
     case data(ByteBuffer)
-    /// A placeholder occupying `length` input bytes.
+    /// A placeholder (or value) occupying `length` input bytes.
     case match(secret: Int, form: PlaceholderForm, length: Int)
 }
 
-/// Scans a byte stream that arrives in arbitrary pieces for placeholders, deciding every
+/// What a `StreamScanner` looks for: candidates found fast, each decided from at most
+/// `lookahead` bytes.
+protocol StreamMatcher: Sendable {
+    var lookahead: Int { get }
+    /// The next position from `from` that may start a match (`previous`: the byte before
+    /// the buffer, nil at the start of a site).
+    func nextPlausibleCandidate(in bytes: UnsafeRawBufferPointer, from: Int, previous: UInt8?) -> Int?
+    func match(_ bytes: UnsafeRawBufferPointer, at start: Int, previous: UInt8?, final: Bool) -> PlaceholderMatcher.Result
+}
+
+extension PlaceholderMatcher: StreamMatcher {}
+
+/// Scans a byte stream that arrives in arbitrary pieces for placeholders (or, on the way
+/// back, real values), deciding every
 /// byte exactly once and forwarding placeholder-free runs as slices of the input.
 ///
 /// A candidate near the end of what has arrived is held back until enough bytes follow to
 /// decide it (at most `PlaceholderMatcher.lookahead`), so a placeholder split across reads,
 /// TLS records or chunks is found. The decision never depends on how the input was split.
-struct StreamScanner {
-    let matcher: PlaceholderMatcher
+struct StreamScanner<Matcher: StreamMatcher> {
+    let matcher: Matcher
     private var pending: [ByteBuffer] = []
     /// Bytes of `pending[0]` before this offset are known not to start a placeholder.
     private var scanOffset = 0
@@ -26,8 +39,21 @@ struct StreamScanner {
     /// Input bytes copied into scratch space to decide candidates split across pieces.
     private(set) var scratchBytes = 0
 
-    init(matcher: PlaceholderMatcher) {
+    /// Keep the bytes of each match in `matchedBytes` (response masking rebuilds base64
+    /// from them).
+    let captures: Bool
+    /// The bytes of the last match, when `captures`.
+    private(set) var matchedBytes: [[UInt8]] = []
+
+    init(matcher: Matcher, captures: Bool = false) {
         self.matcher = matcher
+        self.captures = captures
+    }
+
+    /// Hands over the captured bytes of the matches drained so far, in order.
+    mutating func takeMatchedBytes() -> [[UInt8]] {
+        defer { matchedBytes.removeAll(keepingCapacity: true) }
+        return matchedBytes
     }
 
     var pendingByteCount: Int { pending.reduce(0) { $0 + $1.readableBytes } }
@@ -116,6 +142,14 @@ struct StreamScanner {
 
     /// Drops `count` bytes (a matched placeholder) from the front of `pending`.
     private mutating func consume(_ count: Int) {
+        if captures {
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(count)
+            for piece in pending where bytes.count < count {
+                piece.withUnsafeReadableBytes { bytes.append(contentsOf: $0.prefix(count - bytes.count)) }
+            }
+            matchedBytes.append(bytes)
+        }
         var remaining = count
         while remaining > 0, !pending.isEmpty {
             let available = pending[0].readableBytes

@@ -50,7 +50,7 @@ struct WebSocketStream {
     /// What this connection holds of the process's budget.
     var reserved = 0
     /// The current message does not fit the hold: streamed, and scanned by `streaming`.
-    var streaming: StreamScanner?
+    var streaming: StreamScanner<PlaceholderMatcher>?
     /// Streaming: the guest's bytes waiting for the scanner to decide the plain bytes before
     /// them. `at` is the plain position the bytes start at; `payload` bytes are released as
     /// far as the decision reaches, headers and control frames once it reaches `at`.

@@ -1,0 +1,476 @@
+public import KeyholePolicy
+public import NIOCore
+
+/// What the guest asked for, in order: each response is read with the framing its request
+/// implies (RFC 9112 §6.3) and an upgrade is decided from the pair.
+public struct ExpectedResponse: Sendable, Equatable {
+    public var isHead: Bool
+    public var isConnect: Bool
+    /// The protocols an `Upgrade` request asked for (lower-cased tokens), empty otherwise.
+    public var upgrade: [String]
+
+    public init(isHead: Bool = false, isConnect: Bool = false, upgrade: [String] = []) {
+        self.isHead = isHead
+        self.isConnect = isConnect
+        self.upgrade = upgrade
+    }
+
+    var asksToSwitch: Bool { isConnect || !upgrade.isEmpty }
+}
+
+/// Where a value came back.
+public enum MaskSite: String, Sendable, Hashable {
+    case head = "response-head"
+    case body = "response-body"
+    case websocket = "websocket-message"
+    case upgraded = "upgraded-stream"
+}
+
+/// Why a response could not be read (the connection is reset).
+public enum ResponseFramingError: String, Sendable, Hashable, Error {
+    case malformedHead = "malformed-response-head"
+    case headTooLarge = "response-head-too-large"
+    case conflictingLength = "conflicting-content-length"
+    case malformedChunk = "malformed-response-chunk"
+    case unrequestedSwitch = "unrequested-101"
+    case websocketProtocol = "websocket-protocol-error"
+    /// A response that may carry a value in a form Keyhole cannot read (an encoding it does
+    /// not decode): never forwarded.
+    case valueInResponse = "value-in-response"
+
+    public var explanation: String {
+        switch self {
+        case .malformedHead: return "the upstream's response head is not HTTP/1.x"
+        case .headTooLarge: return "the upstream's response head is larger than 64 KiB"
+        case .conflictingLength: return "the upstream's response has conflicting Content-Length values"
+        case .malformedChunk: return "the upstream's chunked response is malformed"
+        case .unrequestedSwitch: return "the upstream switched protocols without being asked (or to another protocol)"
+        case .websocketProtocol: return "the upstream's WebSocket frames break RFC 6455"
+        case .valueInResponse: return "the response is in an encoding Keyhole cannot mask, on a connection where a real value may have gone upstream"
+        }
+    }
+}
+
+public enum MaskEvent: Sendable, Equatable {
+    /// A real value was replaced by its placeholder.
+    case masked(secret: String, site: MaskSite, form: PlaceholderForm)
+    /// The response to the pending upgrade (or CONNECT) request decided it.
+    case upgrade(UpgradeDecision.Outcome)
+    case framingError(ResponseFramingError, detail: String)
+}
+
+public struct MaskOutput {
+    /// Bytes for the guest, in order; unchanged input travels as slices of the input.
+    public var guest: [ByteBuffer] = []
+    public var events: [MaskEvent] = []
+    /// Bytes the value scan looked at (for `keyhole_response_bytes_scanned_total`).
+    public var scannedBytes = 0
+
+    public init() {}
+}
+
+/// The upstream → guest half of a connection (HTTP/1.1): reads each response's framing,
+/// paired with the requests the guest sent, and replaces every real value it finds by its
+/// placeholder (response masking, BRIEF §4).
+///
+/// - Heads are held whole (64 KiB at most) and masked exactly: the placeholder replaces
+///   the value.
+/// - Bodies stream. The replacement keeps the length: the placeholder, padded with `*` to
+///   the value's length (or cut to it), so `Content-Length` and chunk sizes stay true, no
+///   body is held, and a value split across reads or chunks is still found. base64 keeps
+///   its length too (the decoded value reads as the padded placeholder).
+/// - After a `101` for `websocket`, server frames are parsed and their payloads masked the
+///   same way; after any other switch or a CONNECT, the stream is masked as it is.
+/// - A body in a content coding (`gzip`, `br`, …) is never forwarded while masking is on:
+///   the connection is reset (`value-in-response`). The request side keeps codings out by
+///   asking for `identity`.
+///
+/// Pure: bytes in, bytes and events out, independent of how the input was split.
+public final class ResponseMasker {
+    enum State {
+        case head
+        case body(remaining: Int)
+        case closeDelimited
+        case chunkSize
+        case chunkData(remaining: Int)
+        case chunkDataEnd(seen: Int)
+        case trailers
+        case websocketHeader
+        case websocketPayload(remaining: Int)
+        case relay
+        case failed
+    }
+
+    public static let maxHead = 64 * 1024
+
+    let secrets: [CompiledSecret]
+    let matcher: ValueMatcher
+    /// Whether values are looked for (a value may have gone upstream on this connection).
+    public private(set) var masking: Bool
+    var state = State.head
+    var expected: [ExpectedResponse] = []
+    var expectedFront = 0
+    var headBytes: [UInt8] = []
+    var line: [UInt8] = []
+    var trailerLine: [UInt8] = []
+    var frameHeader: [UInt8] = []
+    var stream: MaskingStream
+    var site = MaskSite.body
+
+    public init(secrets: [Secret], masking: Bool) {
+        self.secrets = secrets.map(CompiledSecret.init)
+        self.matcher = ValueMatcher(values: self.secrets.map(\.raw))
+        self.masking = masking && !matcher.isEmpty
+        self.stream = MaskingStream(matcher: matcher)
+    }
+
+    /// From now on values are looked for (a substitution happened on this connection).
+    public func activate() {
+        if !matcher.isEmpty { masking = true }
+    }
+
+    /// A request went upstream; its response comes after those of earlier requests.
+    public func expect(_ request: ExpectedResponse) {
+        expected.append(request)
+    }
+
+    /// The request the next final response answers (a GET when the upstream answers more
+    /// than was asked).
+    var front: ExpectedResponse { expectedFront < expected.count ? expected[expectedFront] : ExpectedResponse() }
+
+    private func popFront() {
+        if expectedFront < expected.count { expectedFront += 1 }
+        if expectedFront > 64, expectedFront * 2 > expected.count {
+            expected.removeFirst(expectedFront)
+            expectedFront = 0
+        }
+    }
+
+    public func consume(_ buffer: ByteBuffer, into output: inout MaskOutput) {
+        var input = buffer
+        while input.readableBytes > 0 {
+            switch state {
+            case .failed:
+                return
+            case .head:
+                consumeHead(&input, &output)
+            case .body(let remaining):
+                let n = min(remaining, input.readableBytes)
+                scan(input.readSlice(length: n)!, &output)
+                if n == remaining {
+                    endBody(&output)
+                } else {
+                    state = .body(remaining: remaining - n)
+                }
+            case .closeDelimited, .relay:
+                scan(input.readSlice(length: input.readableBytes)!, &output)
+            case .chunkSize:
+                consumeChunkSize(&input, &output)
+            case .chunkData(let remaining):
+                let n = min(remaining, input.readableBytes)
+                scan(input.readSlice(length: n)!, &output)
+                state = n == remaining ? .chunkDataEnd(seen: 0) : .chunkData(remaining: remaining - n)
+            case .chunkDataEnd(let seen):
+                let byte = input.getInteger(at: input.readerIndex, as: UInt8.self)!
+                guard byte == (seen == 0 ? 0x0D : 0x0A) else { return fail(.malformedChunk, "no CRLF after chunk data", &output) }
+                pass(input.readSlice(length: 1)!, &output)
+                state = seen == 0 ? .chunkDataEnd(seen: 1) : .chunkSize
+            case .trailers:
+                consumeTrailers(&input, &output)
+            case .websocketHeader:
+                consumeFrameHeader(&input, &output)
+            case .websocketPayload(let remaining):
+                let n = min(remaining, input.readableBytes)
+                scan(input.readSlice(length: n)!, &output)
+                state = n == remaining ? .websocketHeader : .websocketPayload(remaining: remaining - n)
+            }
+        }
+        if masking { stream.drain(final: false, site: site, secrets: secrets, into: &output) }
+    }
+
+    /// The upstream closed: a close-delimited body ends here; anything held is decided.
+    public func finish(into output: inout MaskOutput) {
+        if case .failed = state { return }
+        stream.drain(final: true, site: site, secrets: secrets, into: &output)
+    }
+
+    // MARK: pieces
+
+    private func scan(_ bytes: ByteBuffer, _ output: inout MaskOutput) {
+        guard masking else { return output.guest.append(bytes) }
+        output.scannedBytes += bytes.readableBytes
+        stream.scan(bytes)
+    }
+
+    private func pass(_ bytes: ByteBuffer, _ output: inout MaskOutput) {
+        guard masking else { return output.guest.append(bytes) }
+        stream.pass(bytes)
+    }
+
+    private func fail(_ error: ResponseFramingError, _ detail: String, _ output: inout MaskOutput) {
+        output.events.append(.framingError(error, detail: detail))
+        state = .failed
+    }
+
+    private func endBody(_ output: inout MaskOutput) {
+        if masking { stream.drain(final: true, site: site, secrets: secrets, into: &output) }
+        popFront()
+        state = .head
+    }
+
+    // MARK: head
+
+    private func consumeHead(_ input: inout ByteBuffer, _ output: inout MaskOutput) {
+        // Up to the end of the head: an empty line (CRLF CRLF, or bare LFs).
+        var end: Int?
+        input.withUnsafeReadableBytes { b in
+            var i = 0
+            while i < b.count {
+                if b[i] == 0x0A {
+                    // The line before this LF was empty when the previous byte (here or held)
+                    // is LF, or CR after an LF.
+                    let prev1: UInt8? = i >= 1 ? b[i - 1] : headBytes.last
+                    let prev2: UInt8? = i >= 2 ? b[i - 2] : (i == 1 ? headBytes.last : headBytes.dropLast().last)
+                    if prev1 == 0x0A || (prev1 == 0x0D && prev2 == 0x0A) {
+                        end = i + 1
+                        return
+                    }
+                }
+                i += 1
+            }
+        }
+        let take = end ?? input.readableBytes
+        if headBytes.count + take > Self.maxHead {
+            return fail(.headTooLarge, "\(headBytes.count + take) bytes and no end", &output)
+        }
+        let piece = input.readSlice(length: take)!
+        guard end != nil else {
+            headBytes += piece.readableBytesView
+            return
+        }
+        // A stray CRLF between responses is skipped, as RFC 9112 §2.2 allows.
+        if headBytes.isEmpty, piece.readableBytes <= 2, piece.readableBytesView.allSatisfy({ $0 == 0x0D || $0 == 0x0A }) {
+            return output.guest.append(piece)
+        }
+        let head: [UInt8]
+        let original: ByteBuffer
+        if headBytes.isEmpty {
+            head = Array(piece.readableBytesView)
+            original = piece
+        } else {
+            head = headBytes + piece.readableBytesView
+            original = ByteBuffer(bytes: head)
+            headBytes = []
+        }
+        guard let parsed = ResponseHead(head) else {
+            return fail(.malformedHead, String(decoding: head.prefix(40), as: UTF8.self).debugDescription, &output)
+        }
+        emitHead(head, original, &output)
+        decideFraming(parsed, &output)
+    }
+
+    /// The head, masked exactly (placeholders replace values).
+    private func emitHead(_ head: [UInt8], _ original: ByteBuffer, _ output: inout MaskOutput) {
+        guard masking else { return output.guest.append(original) }
+        output.scannedBytes += head.count
+        var result: [UInt8] = []
+        var copied = 0
+        var i = 0
+        head.withUnsafeBytes { b in
+            while let c = matcher.nextPlausibleCandidate(in: b, from: i, previous: nil) {
+                guard case .match(let secret, let form, let length) = matcher.match(b, at: c, previous: nil, final: true) else {
+                    i = c + 1
+                    continue
+                }
+                result += head[copied..<c]
+                if form == .base64 {
+                    result += matcher.maskBase64(Array(head[c..<(c + length)]), secret: secret, filler: secrets[secret].placeholder)
+                } else {
+                    result += secrets[secret].placeholder
+                }
+                output.events.append(.masked(secret: secrets[secret].env, site: .head, form: form))
+                copied = c + length
+                i = c + length
+            }
+        }
+        if copied == 0 {
+            output.guest.append(original)
+        } else {
+            result += head[copied...]
+            output.guest.append(ByteBuffer(bytes: result))
+        }
+    }
+
+    private func decideFraming(_ head: ResponseHead, _ output: inout MaskOutput) {
+        let request = front
+        let status = head.status
+        if status >= 100 && status < 200 && status != 101 { return }  // interim: the final response follows
+        if request.asksToSwitch {
+            if status == 101, !request.isConnect {
+                guard let chosen = head.upgrade.first(where: { request.upgrade.contains($0) }) else {
+                    return fail(.unrequestedSwitch, "101 with Upgrade: \(head.upgrade.joined(separator: ","))", &output)
+                }
+                output.events.append(.upgrade(.accepted(protocol: chosen)))
+                popFront()
+                site = chosen == "websocket" ? .websocket : .upgraded
+                state = chosen == "websocket" ? .websocketHeader : .relay
+                return
+            }
+            if request.isConnect, (200..<300).contains(status) {
+                output.events.append(.upgrade(.accepted(protocol: nil)))
+                popFront()
+                site = .upgraded
+                state = .relay
+                return
+            }
+            output.events.append(.upgrade(.declined))
+        } else if status == 101 {
+            return fail(.unrequestedSwitch, "101 to a request that asked for no upgrade", &output)
+        }
+        site = .body
+        if request.isHead || status == 204 || status == 304 {
+            popFront()
+            state = .head
+            return
+        }
+        if masking, let coding = head.contentCoding {
+            return fail(.valueInResponse, "Content-Encoding: \(coding)", &output)
+        }
+        if head.transferEncoding {
+            state = head.chunked ? .chunkSize : .closeDelimited
+        } else if let length = head.contentLength {
+            guard length >= 0 else { return fail(.conflictingLength, "Content-Length", &output) }
+            if length == 0 {
+                popFront()
+                state = .head
+            } else {
+                state = .body(remaining: length)
+            }
+        } else {
+            state = .closeDelimited
+        }
+    }
+
+    // MARK: chunked
+
+    /// Reads up to and including the next LF into `into`; true when the LF was reached.
+    private func takeLine(_ input: inout ByteBuffer, into line: inout [UInt8]) -> ByteBuffer {
+        let view = input.readableBytesView
+        let n = view.firstIndex(of: 0x0A).map { $0 - view.startIndex + 1 } ?? view.count
+        let slice = input.readSlice(length: n)!
+        line += slice.readableBytesView
+        return slice
+    }
+
+    private func consumeChunkSize(_ input: inout ByteBuffer, _ output: inout MaskOutput) {
+        pass(takeLine(&input, into: &line), &output)
+        guard line.count <= 1024 else { return fail(.malformedChunk, "chunk-size line too long", &output) }
+        guard line.last == 0x0A else { return }
+        var size = 0
+        var digits = 0
+        for c in line {
+            guard let h = PlaceholderMatcher.hexValue(c) else { break }
+            guard size < (1 << 55) else { return fail(.malformedChunk, "chunk size too large", &output) }
+            size = size << 4 | Int(h)
+            digits += 1
+        }
+        line.removeAll(keepingCapacity: true)
+        guard digits > 0 else { return fail(.malformedChunk, "no chunk size", &output) }
+        if size == 0 {
+            trailerLine.removeAll(keepingCapacity: true)
+            state = .trailers
+        } else {
+            state = .chunkData(remaining: size)
+        }
+    }
+
+    private func consumeTrailers(_ input: inout ByteBuffer, _ output: inout MaskOutput) {
+        // Trailer lines are scanned like the body; the empty line ends the response.
+        scan(takeLine(&input, into: &trailerLine), &output)
+        guard trailerLine.count <= Self.maxHead else { return fail(.malformedChunk, "trailer line too long", &output) }
+        guard trailerLine.last == 0x0A else { return }
+        let empty = trailerLine == [0x0D, 0x0A] || trailerLine == [0x0A]
+        trailerLine.removeAll(keepingCapacity: true)
+        if empty { endBody(&output) }
+    }
+
+    // MARK: WebSocket (server frames are not masked)
+
+    private func consumeFrameHeader(_ input: inout ByteBuffer, _ output: inout MaskOutput) {
+        while frameHeader.count < 2 || frameHeader.count < WebSocketStream.headerLength(frameHeader) {
+            guard let byte = input.readInteger(as: UInt8.self) else { return }
+            frameHeader.append(byte)
+        }
+        let h = frameHeader
+        frameHeader = []
+        guard h[1] & 0x80 == 0 else { return fail(.websocketProtocol, "a masked server frame", &output) }
+        var length = Int(h[1] & 0x7F)
+        if length == 126 {
+            length = Int(h[2]) << 8 | Int(h[3])
+        } else if length == 127 {
+            guard h[2] & 0x80 == 0 else { return fail(.websocketProtocol, "a frame length over 2^63", &output) }
+            length = 0
+            for i in 2..<10 { length = length << 8 | Int(h[i]) }
+        }
+        pass(ByteBuffer(bytes: h), &output)
+        state = length == 0 ? .websocketHeader : .websocketPayload(remaining: length)
+    }
+}
+
+/// A parsed response head (what framing needs).
+struct ResponseHead {
+    var status = 0
+    var contentLength: Int?
+    var transferEncoding = false
+    var chunked = false
+    var contentCoding: String?
+    var upgrade: [String] = []
+
+    init?(_ bytes: [UInt8]) {
+        var lines = bytes.split(separator: 0x0A, omittingEmptySubsequences: false).map { line in
+            line.last == 0x0D ? line.dropLast() : line
+        }
+        while lines.last?.isEmpty == true { lines.removeLast() }
+        guard let statusLine = lines.first, statusLine.count >= 12 else { return nil }
+        let s = Array(statusLine)
+        guard Array(s[0..<7]) == Array("HTTP/1.".utf8), s[8] == 0x20, s[9...11].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+            s.count == 12 || s[12] == 0x20
+        else { return nil }
+        status = Int(s[9] - 0x30) * 100 + Int(s[10] - 0x30) * 10 + Int(s[11] - 0x30)
+        var lengths: Set<Int> = []
+        for line in lines.dropFirst() {
+            guard let colon = line.firstIndex(of: 0x3A) else { return nil }
+            let name = String(decoding: line[line.startIndex..<colon], as: UTF8.self).lowercased()
+            guard !name.isEmpty, !name.contains(" "), !name.contains("\t") else { return nil }
+            let value = String(decoding: line[(colon + 1)...], as: UTF8.self).trimmingSpaces()
+            switch name {
+            case "content-length":
+                for part in value.split(separator: ",") {
+                    guard let n = Int(part.trimmingSpaces()), n >= 0 else { return nil }
+                    lengths.insert(n)
+                }
+            case "transfer-encoding":
+                transferEncoding = true
+                let codings = value.lowercased().split(separator: ",").map { $0.trimmingSpaces() }
+                chunked = codings.last == "chunked"
+                if codings.contains(where: { $0 != "chunked" && $0 != "identity" }) {
+                    contentCoding = codings.filter { $0 != "chunked" && $0 != "identity" }.joined(separator: ", ")
+                }
+            case "content-encoding":
+                let codings = value.lowercased().split(separator: ",").map { $0.trimmingSpaces() }.filter { $0 != "identity" && !$0.isEmpty }
+                if !codings.isEmpty { contentCoding = codings.joined(separator: ", ") }
+            case "upgrade":
+                upgrade += value.split(separator: ",").map { UpgradeDecision.token($0) }
+            default:
+                break
+            }
+        }
+        if lengths.count > 1 { contentLength = -1 } else { contentLength = lengths.first }
+    }
+}
+
+extension StringProtocol {
+    func trimmingSpaces() -> String {
+        String(String(self.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed()))
+    }
+}

@@ -1,0 +1,264 @@
+/// Finds real secret values in what an upstream sends back, in every form an echo can
+/// carry them:
+/// - raw, percent-encoded (`%XX`, either hex case), and JSON-escaped (`\uXXXX` and the short
+///   escapes `\/ \" \\ \b \f \n \r \t`), any subset of the characters escaped;
+/// - base64, standard or URL-safe, at any alignment (so also inside `user:value`).
+///
+/// Unlike placeholders, values are found anywhere, with no token boundary: a value inside
+/// a longer run is still the value.
+///
+/// Base64 is matched from the first character that carries at least four bits of the value
+/// to the last that carries any: at one of the three alignments the first character holds
+/// only two bits of the value's first byte, and those two bits are not masked.
+struct ValueMatcher: StreamMatcher {
+    /// One base64 encoding of a value: per character, which of its six bits the value
+    /// fixes and to what.
+    struct Base64Pattern: Sendable {
+        let secret: Int
+        let alignment: Int
+        let masks: [UInt8]
+        let bits: [UInt8]
+    }
+
+    let values: [[UInt8]]
+    let patterns: [Base64Pattern]
+    /// Every byte a match can start with.
+    let starts: ByteSet
+    let scanner: ByteScanner?
+    let lookahead: Int
+
+    /// `values[i]` belongs to secret `i`; empty values are never matched.
+    init(values: [[UInt8]]) {
+        self.values = values
+        var patterns: [Base64Pattern] = []
+        var starts = ByteSet()
+        var startList: [UInt8] = [UInt8(ascii: "%"), UInt8(ascii: "\\")]
+        var longest = 1
+        for (secret, value) in values.enumerated() where !value.isEmpty {
+            longest = max(longest, value.count)
+            if !startList.contains(value[0]) { startList.append(value[0]) }
+            guard value.count >= 4 else { continue }
+            for alignment in 0..<3 {
+                let pattern = Self.base64Pattern(value, alignment: alignment, secret: secret)
+                for char in Self.alphabet where Self.decodeTable[Int(char)] & pattern.masks[0] == pattern.bits[0] {
+                    if !startList.contains(char) { startList.append(char) }
+                }
+                patterns.append(pattern)
+            }
+        }
+        for byte in startList { starts.insert(byte) }
+        self.patterns = patterns
+        self.starts = starts
+        self.scanner = startList.count <= 4 ? ByteScanner(startList) : nil
+        // The longest value fully JSON-escaped; base64 is shorter.
+        self.lookahead = 6 * longest + 8
+    }
+
+    var isEmpty: Bool { values.allSatisfy(\.isEmpty) }
+
+    func nextPlausibleCandidate(in bytes: UnsafeRawBufferPointer, from: Int, previous: UInt8?) -> Int? {
+        if let scanner { return scanner.firstIndex(in: bytes, from: from) }
+        var i = from
+        let count = bytes.count
+        while i < count {
+            if starts.contains(bytes[i]) { return i }
+            i += 1
+        }
+        return nil
+    }
+
+    func match(_ bytes: UnsafeRawBufferPointer, at start: Int, previous: UInt8?, final: Bool) -> PlaceholderMatcher.Result {
+        var needMore = false
+        var best: PlaceholderMatcher.Result = .none
+        var bestLength = 0
+        for (secret, value) in values.enumerated() where !value.isEmpty {
+            switch Self.matchValue(value, bytes, start, final: final) {
+            case .needMore: needMore = true
+            case .none: break
+            case .match(_, let form, let length):
+                if length > bestLength {
+                    best = .match(secret: secret, form: form, length: length)
+                    bestLength = length
+                }
+            }
+        }
+        for pattern in patterns {
+            switch Self.matchBase64(pattern, bytes, start, final: final) {
+            case .needMore: needMore = true
+            case .none: break
+            case .match(_, _, let length):
+                if length > bestLength {
+                    best = .match(secret: pattern.secret, form: .base64, length: length)
+                    bestLength = length
+                }
+            }
+        }
+        if case .match = best { return best }
+        return needMore ? .needMore : .none
+    }
+
+    // MARK: raw, percent, JSON
+
+    /// Walks every reading of the input at once (a `%` may be itself or start `%XX`), so a
+    /// value with `%` or `\` in it costs at most its length times the readings, never more.
+    static func matchValue(_ value: [UInt8], _ b: UnsafeRawBufferPointer, _ start: Int, final: Bool) -> PlaceholderMatcher.Result {
+        let count = b.count
+        // Fast path: the first byte rules most candidates out.
+        let first = b[start]
+        if first != value[0], first != 0x25, first != 0x5C { return .none }
+        // (position, form rank: 0 raw, 1 percent, 2 JSON)
+        var states: [(Int, UInt8)] = [(start, 0)]
+        var next: [(Int, UInt8)] = []
+        var needMore = false
+        func add(_ position: Int, _ form: UInt8) {
+            if let k = next.firstIndex(where: { $0.0 == position }) {
+                next[k].1 = max(next[k].1, form)
+            } else {
+                next.append((position, form))
+            }
+        }
+        for want in value {
+            next.removeAll(keepingCapacity: true)
+            for (i, form) in states {
+                guard i < count else {
+                    if !final { needMore = true }
+                    continue
+                }
+                let x = b[i]
+                if x == want { add(i + 1, form) }
+                if x == 0x25 {  // %XX
+                    if i + 2 < count {
+                        if let hi = PlaceholderMatcher.hexValue(b[i + 1]), let lo = PlaceholderMatcher.hexValue(b[i + 2]), hi << 4 | lo == want {
+                            add(i + 3, max(form, 1))
+                        }
+                    } else if !final {
+                        needMore = true
+                    }
+                } else if x == 0x5C {  // \uXXXX, \/ and friends
+                    guard i + 1 < count else {
+                        if !final { needMore = true }
+                        continue
+                    }
+                    let y = b[i + 1]
+                    if y == 0x75 {
+                        if i + 5 < count {
+                            var code = 0
+                            var ok = true
+                            for k in 2...5 {
+                                guard let h = PlaceholderMatcher.hexValue(b[i + k]) else {
+                                    ok = false
+                                    break
+                                }
+                                code = code << 4 | Int(h)
+                            }
+                            if ok, code == Int(want) { add(i + 6, 2) }
+                        } else if !final {
+                            needMore = true
+                        }
+                    } else if let short = shortEscape(y), short == want {
+                        add(i + 2, 2)
+                    }
+                }
+            }
+            if next.isEmpty { return needMore ? .needMore : .none }
+            swap(&states, &next)
+        }
+        // The longest reading (it covers the most input).
+        let (end, rank) = states.max { $0.0 < $1.0 }!
+        let form: PlaceholderForm = rank == 2 ? .jsonEscaped : rank == 1 ? .percentEncoded : .raw
+        return .match(secret: 0, form: form, length: end - start)
+    }
+
+    @inline(__always)
+    static func shortEscape(_ y: UInt8) -> UInt8? {
+        switch y {
+        case 0x2F, 0x22, 0x5C: return y  // / " \
+        case 0x62: return 0x08  // b
+        case 0x66: return 0x0C  // f
+        case 0x6E: return 0x0A  // n
+        case 0x72: return 0x0D  // r
+        case 0x74: return 0x09  // t
+        default: return nil
+        }
+    }
+
+    // MARK: base64
+
+    static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_".utf8)
+    static let standard = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+    static let urlSafe = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
+    /// Character → six bits (both alphabets); 0xFF for anything else.
+    static let decodeTable: [UInt8] = {
+        var table = [UInt8](repeating: 0xFF, count: 256)
+        for (i, c) in standard.enumerated() { table[Int(c)] = UInt8(i) }
+        table[Int(UInt8(ascii: "-"))] = 62
+        table[Int(UInt8(ascii: "_"))] = 63
+        return table
+    }()
+
+    /// `value` after `alignment` unknown bytes: the characters it determines, from the first
+    /// with at least four of its bits to the last with any.
+    static func base64Pattern(_ value: [UInt8], alignment: Int, secret: Int) -> Base64Pattern {
+        let (masks, bits) = sixBitGroups(value, alignment: alignment)
+        var first = 0
+        while first < masks.count, masks[first].nonzeroBitCount < 4 { first += 1 }
+        return Base64Pattern(secret: secret, alignment: alignment, masks: Array(masks[first...]), bits: Array(bits[first...]))
+    }
+
+    /// Per six-bit group of `alignment` unknown bytes followed by `value`: known bits, values.
+    static func sixBitGroups(_ value: [UInt8], alignment: Int) -> (masks: [UInt8], bits: [UInt8]) {
+        let start = 8 * alignment
+        let end = start + 8 * value.count
+        let groups = (end + 5) / 6
+        var masks = [UInt8](repeating: 0, count: groups)
+        var bits = [UInt8](repeating: 0, count: groups)
+        for q in start..<end {
+            let bit = (value[(q - start) / 8] >> (7 - UInt8((q - start) % 8))) & 1
+            let shift = UInt8(5 - q % 6)
+            masks[q / 6] |= 1 << shift
+            bits[q / 6] |= bit << shift
+        }
+        return (masks, bits)
+    }
+
+    static func matchBase64(_ pattern: Base64Pattern, _ b: UnsafeRawBufferPointer, _ start: Int, final: Bool) -> PlaceholderMatcher.Result {
+        let count = b.count
+        for j in 0..<pattern.masks.count {
+            guard start + j < count else { return final ? .none : .needMore }
+            let six = decodeTable[Int(b[start + j])]
+            guard six != 0xFF, six & pattern.masks[j] == pattern.bits[j] else { return .none }
+        }
+        return .match(secret: pattern.secret, form: .base64, length: pattern.masks.count)
+    }
+
+    /// The same characters with the value's bits replaced by those of `filler` (as long as
+    /// the value), in the alphabet the original used; other bits are kept.
+    func maskBase64(_ matched: [UInt8], secret: Int, filler: [UInt8]) -> [UInt8] {
+        let value = values[secret]
+        for pattern in patterns where pattern.secret == secret && pattern.masks.count == matched.count {
+            var fits = true
+            for j in 0..<matched.count {
+                let six = Self.decodeTable[Int(matched[j])]
+                if six == 0xFF || six & pattern.masks[j] != pattern.bits[j] {
+                    fits = false
+                    break
+                }
+            }
+            guard fits else { continue }
+            let groups = Self.sixBitGroups(Self.fit(filler, to: value.count), alignment: pattern.alignment).bits
+            let offset = groups.count - pattern.masks.count
+            let url = matched.contains { $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") }
+            let alphabet = url ? Self.urlSafe : Self.standard
+            return matched.indices.map { j in
+                let six = Self.decodeTable[Int(matched[j])]
+                return alphabet[Int((six & ~pattern.masks[j]) | groups[offset + j])]
+            }
+        }
+        return [UInt8](repeating: UInt8(ascii: "A"), count: matched.count)  // unreachable: a match fits its pattern
+    }
+
+    /// `bytes` cut or padded with `*` to `length`.
+    static func fit(_ bytes: [UInt8], to length: Int) -> [UInt8] {
+        bytes.count >= length ? Array(bytes.prefix(length)) : bytes + [UInt8](repeating: UInt8(ascii: "*"), count: length - bytes.count)
+    }
+}
