@@ -25,6 +25,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.0.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.0.0"),
+        .package(url: "https://github.com/adam-fowler/compress-nio.git", from: "1.5.0"),
     ],
     targets: [
         // Pure: policy model, YAML, validation, secret sources. No network I/O.
@@ -35,12 +36,14 @@ let package = Package(
         ),
         // SIMD byte-set scans (AVX2 / SSE2, chosen at run time) for the engine's hot loops.
         .target(name: "CKeyholeSIMD"),
-        // Pure: bytes in, bytes out. Depends on NIOCore only for ByteBuffer.
+        // Pure: bytes in, bytes out. NIOCore for ByteBuffer; CompressNIO (zlib) to read
+        // gzip and deflate responses for masking.
         .target(
             name: "KeyholeEngine",
             dependencies: [
                 "KeyholePolicy", "CKeyholeSIMD",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "CompressNIO", package: "compress-nio"),
             ],
             swiftSettings: strict
         ),
@@ -103,7 +106,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KeyholeEngineTests",
-            dependencies: ["KeyholeEngine", "KeyholePolicy", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["KeyholeEngine", "KeyholePolicy", .product(name: "NIOCore", package: "swift-nio"), .product(name: "CompressNIO", package: "compress-nio")],
             exclude: ["Fixtures"],
             swiftSettings: strict
         ),

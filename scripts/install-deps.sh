@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   pkg-config libnetfilter-queue-dev libmnl-dev libssl-dev   # build: CNetfilterQueue
+  zlib1g-dev                                                # build: compress-nio (gzip/deflate responses)
   iptables nftables iproute2 kmod                           # appliance: rules, namespaces, TAP
   dnsmasq-base curl openssl python3 procps psmisc iputils-ping # tests: resolver, clients, servers
   qemu-system-x86 cpio zstd xz-utils genisoimage            # launcher: guests, initramfs, cloud-init seed

@@ -13,7 +13,7 @@ struct RequestHead {
     }
 
     enum FieldKind {
-        case other, host, contentLength, transferEncoding, authorization, upgrade, expect, contentEncoding, contentType
+        case other, host, contentLength, transferEncoding, authorization, upgrade, expect, contentEncoding, contentType, acceptEncoding
     }
 
     static let maxLines = 1024
@@ -248,7 +248,7 @@ struct RequestHead {
             if value.count >= form.utf8CodeUnitCount, Self.equalsIgnoringCase(b, prefix, form) {
                 formBody = true
             }
-        case .authorization, .other:
+        case .authorization, .other, .acceptEncoding:
             break
         }
     }
@@ -292,6 +292,7 @@ struct RequestHead {
         case 12: return equalsIgnoringCase(b, name, "content-type") ? .contentType : .other
         case 13: return equalsIgnoringCase(b, name, "authorization") ? .authorization : .other
         case 14: return equalsIgnoringCase(b, name, "content-length") ? .contentLength : .other
+        case 15: return equalsIgnoringCase(b, name, "accept-encoding") ? .acceptEncoding : .other
         case 16: return equalsIgnoringCase(b, name, "content-encoding") ? .contentEncoding : .other
         case 17: return equalsIgnoringCase(b, name, "transfer-encoding") ? .transferEncoding : .other
         case 19: return equalsIgnoringCase(b, name, "proxy-authorization") ? .authorization : .other

@@ -44,6 +44,9 @@ public struct RewriterConfiguration: Sendable, Hashable {
     public var chunkSegment: Int
     /// Most bytes held after an upgrade request until the upstream's answer decides it.
     public var maxUpgradeHold: Int
+    /// Ask for responses without a content coding (`Accept-Encoding: identity`): set where
+    /// responses are masked, so they stay readable.
+    public var identityResponses = false
 
     public init(
         maxHeaderBlock: Int = 64 * 1024, maxHeldBody: Int = 64 * 1024 * 1024, maxTrailers: Int = 64 * 1024, chunkSegment: Int = 64 * 1024,

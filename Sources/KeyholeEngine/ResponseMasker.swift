@@ -8,11 +8,14 @@ public struct ExpectedResponse: Sendable, Equatable {
     public var isConnect: Bool
     /// The protocols an `Upgrade` request asked for (lower-cased tokens), empty otherwise.
     public var upgrade: [String]
+    /// An HTTP/1.0 request (its response cannot be re-framed as chunked).
+    public var http10: Bool
 
-    public init(isHead: Bool = false, isConnect: Bool = false, upgrade: [String] = []) {
+    public init(isHead: Bool = false, isConnect: Bool = false, upgrade: [String] = [], http10: Bool = false) {
         self.isHead = isHead
         self.isConnect = isConnect
         self.upgrade = upgrade
+        self.http10 = http10
     }
 
     var asksToSwitch: Bool { isConnect || !upgrade.isEmpty }
@@ -37,6 +40,8 @@ public enum ResponseFramingError: String, Sendable, Hashable, Error {
     /// A response that may carry a value in a form Keyhole cannot read (an encoding it does
     /// not decode): never forwarded.
     case valueInResponse = "value-in-response"
+    /// A compressed body that does not decode, or decodes to far more than it could be.
+    case undecodableBody = "undecodable-response-body"
 
     public var explanation: String {
         switch self {
@@ -47,6 +52,7 @@ public enum ResponseFramingError: String, Sendable, Hashable, Error {
         case .unrequestedSwitch: return "the upstream switched protocols without being asked (or to another protocol)"
         case .websocketProtocol: return "the upstream's WebSocket frames break RFC 6455"
         case .valueInResponse: return "the response is in an encoding Keyhole cannot mask, on a connection where a real value may have gone upstream"
+        case .undecodableBody: return "the response's gzip or deflate body is corrupt, or decodes to more than 100 times its size"
         }
     }
 }
@@ -81,9 +87,11 @@ public struct MaskOutput {
 ///   its length too (the decoded value reads as the padded placeholder).
 /// - After a `101` for `websocket`, server frames are parsed and their payloads masked the
 ///   same way; after any other switch or a CONNECT, the stream is masked as it is.
-/// - A body in a content coding (`gzip`, `br`, …) is never forwarded while masking is on:
-///   the connection is reset (`value-in-response`). The request side keeps codings out by
-///   asking for `identity`.
+/// - While masking is on the request side asks for `identity`. A `gzip` or `deflate` body
+///   sent anyway is decoded, masked and sent identity-encoded (chunked; `Content-Encoding`
+///   and `Content-Length` dropped). Any other coding (`br`, `zstd`, stacked codings, or
+///   gzip to an HTTP/1.0 client) is never forwarded: the connection is reset
+///   (`value-in-response`).
 ///
 /// Pure: bytes in, bytes and events out, independent of how the input was split.
 public final class ResponseMasker {
@@ -116,6 +124,8 @@ public final class ResponseMasker {
     var frameHeader: [UInt8] = []
     var stream: MaskingStream
     var site = MaskSite.body
+    /// The body's content coding being decoded (gzip or deflate), if any.
+    var decoder: BodyDecoder?
 
     public init(secrets: [Secret], masking: Bool) {
         self.secrets = secrets.map(CompiledSecret.init)
@@ -156,29 +166,34 @@ public final class ResponseMasker {
                 consumeHead(&input, &output)
             case .body(let remaining):
                 let n = min(remaining, input.readableBytes)
-                scan(input.readSlice(length: n)!, &output)
+                content(input.readSlice(length: n)!, &output)
+                if case .failed = state { return }
                 if n == remaining {
                     endBody(&output)
                 } else {
                     state = .body(remaining: remaining - n)
                 }
-            case .closeDelimited, .relay:
+            case .closeDelimited:
+                content(input.readSlice(length: input.readableBytes)!, &output)
+            case .relay:
                 scan(input.readSlice(length: input.readableBytes)!, &output)
             case .chunkSize:
                 consumeChunkSize(&input, &output)
             case .chunkData(let remaining):
                 let n = min(remaining, input.readableBytes)
-                scan(input.readSlice(length: n)!, &output)
+                content(input.readSlice(length: n)!, &output)
+                if case .failed = state { return }
                 state = n == remaining ? .chunkDataEnd(seen: 0) : .chunkData(remaining: remaining - n)
             case .chunkDataEnd(let seen):
                 let byte = input.getInteger(at: input.readerIndex, as: UInt8.self)!
                 guard byte == (seen == 0 ? 0x0D : 0x0A) else { return fail(.malformedChunk, "no CRLF after chunk data", &output) }
-                pass(input.readSlice(length: 1)!, &output)
+                framing(input.readSlice(length: 1)!, &output)
                 state = seen == 0 ? .chunkDataEnd(seen: 1) : .chunkSize
             case .trailers:
                 consumeTrailers(&input, &output)
             case .websocketHeader:
                 consumeFrameHeader(&input, &output)
+                continue
             case .websocketPayload(let remaining):
                 let n = min(remaining, input.readableBytes)
                 scan(input.readSlice(length: n)!, &output)
@@ -190,6 +205,8 @@ public final class ResponseMasker {
 
     /// The upstream closed: a close-delimited body ends here; anything held is decided.
     public func finish(into output: inout MaskOutput) {
+        if case .failed = state { return }
+        if case .closeDelimited = state, decoder != nil { endDecoding(&output) }
         if case .failed = state { return }
         stream.drain(final: true, site: site, secrets: secrets, into: &output)
     }
@@ -207,12 +224,49 @@ public final class ResponseMasker {
         stream.pass(bytes)
     }
 
+    /// A body's content: decoded first when it is compressed, then scanned.
+    private func content(_ bytes: ByteBuffer, _ output: inout MaskOutput) {
+        guard decoder != nil else { return scan(bytes, &output) }
+        do {
+            let decoded = try decoder!.decode(bytes)
+            for piece in decoded where piece.readableBytes > 0 { emitChunk(piece, &output) }
+        } catch {
+            fail(.undecodableBody, "\(error)", &output)
+        }
+    }
+
+    /// The original body's framing: forwarded, unless the body is decoded (then Keyhole
+    /// frames what it sends itself).
+    private func framing(_ bytes: ByteBuffer, _ output: inout MaskOutput) {
+        if decoder == nil { pass(bytes, &output) }
+    }
+
+    private func emitChunk(_ piece: ByteBuffer, _ output: inout MaskOutput) {
+        pass(ByteBuffer(string: String(piece.readableBytes, radix: 16) + "\r\n"), &output)
+        scan(piece, &output)
+        pass(ByteBuffer(string: "\r\n"), &output)
+    }
+
+    private func endDecoding(_ output: inout MaskOutput) {
+        do {
+            for piece in try decoder!.finish() where piece.readableBytes > 0 { emitChunk(piece, &output) }
+        } catch {
+            return fail(.undecodableBody, "\(error)", &output)
+        }
+        decoder = nil
+        pass(ByteBuffer(string: "0\r\n\r\n"), &output)
+    }
+
     private func fail(_ error: ResponseFramingError, _ detail: String, _ output: inout MaskOutput) {
         output.events.append(.framingError(error, detail: detail))
         state = .failed
     }
 
     private func endBody(_ output: inout MaskOutput) {
+        if decoder != nil {
+            endDecoding(&output)
+            if case .failed = state { return }
+        }
         if masking { stream.drain(final: true, site: site, secrets: secrets, into: &output) }
         popFront()
         state = .head
@@ -265,8 +319,15 @@ public final class ResponseMasker {
         guard let parsed = ResponseHead(head) else {
             return fail(.malformedHead, String(decoding: head.prefix(40), as: UTF8.self).debugDescription, &output)
         }
-        emitHead(head, original, &output)
         decideFraming(parsed, &output)
+        if case .failed = state { return }
+        if decoder != nil {
+            emitHead(ResponseHead.identityChunked(head), ByteBuffer(bytes: ResponseHead.identityChunked(head)), &output)
+        } else {
+            emitHead(head, original, &output)
+        }
+        // A response with no body ends with its head.
+        if case .head = state, masking { stream.drain(final: true, site: site, secrets: secrets, into: &output) }
     }
 
     /// The head, masked exactly (placeholders replace values).
@@ -334,7 +395,16 @@ public final class ResponseMasker {
             return
         }
         if masking, let coding = head.contentCoding {
-            return fail(.valueInResponse, "Content-Encoding: \(coding)", &output)
+            // gzip or deflate, alone, to a client that takes chunked: decoded and masked.
+            guard let decoder = BodyDecoder(coding: coding), !request.http10, !(head.contentLength == 0 && !head.transferEncoding) else {
+                if head.contentLength == 0 && !head.transferEncoding {
+                    popFront()
+                    state = .head
+                    return
+                }
+                return fail(.valueInResponse, "Content-Encoding: \(coding)", &output)
+            }
+            self.decoder = decoder
         }
         if head.transferEncoding {
             state = head.chunked ? .chunkSize : .closeDelimited
@@ -363,7 +433,7 @@ public final class ResponseMasker {
     }
 
     private func consumeChunkSize(_ input: inout ByteBuffer, _ output: inout MaskOutput) {
-        pass(takeLine(&input, into: &line), &output)
+        framing(takeLine(&input, into: &line), &output)
         guard line.count <= 1024 else { return fail(.malformedChunk, "chunk-size line too long", &output) }
         guard line.last == 0x0A else { return }
         var size = 0
@@ -385,8 +455,10 @@ public final class ResponseMasker {
     }
 
     private func consumeTrailers(_ input: inout ByteBuffer, _ output: inout MaskOutput) {
-        // Trailer lines are scanned like the body; the empty line ends the response.
-        scan(takeLine(&input, into: &trailerLine), &output)
+        // Trailer lines are scanned like the body (dropped with a decoded body, whose
+        // chunked framing is Keyhole's own); the empty line ends the response.
+        let piece = takeLine(&input, into: &trailerLine)
+        if decoder == nil { scan(piece, &output) }
         guard trailerLine.count <= Self.maxHead else { return fail(.malformedChunk, "trailer line too long", &output) }
         guard trailerLine.last == 0x0A else { return }
         let empty = trailerLine == [0x0D, 0x0A] || trailerLine == [0x0A]
@@ -466,6 +538,23 @@ struct ResponseHead {
             }
         }
         if lengths.count > 1 { contentLength = -1 } else { contentLength = lengths.first }
+    }
+}
+
+extension ResponseHead {
+    /// The head without its `Content-Encoding`, `Content-Length` and `Transfer-Encoding`
+    /// lines, and with `Transfer-Encoding: chunked`: for a body Keyhole decoded.
+    static func identityChunked(_ head: [UInt8]) -> [UInt8] {
+        var lines = head.split(separator: 0x0A, omittingEmptySubsequences: false).map { Array($0) + [0x0A] }
+        lines.removeLast()  // after the final LF
+        let end = lines.removeLast()  // the empty line
+        let dropped: Set<String> = ["content-encoding", "content-length", "transfer-encoding"]
+        var result = lines.removeFirst()
+        for line in lines {
+            let name = line.firstIndex(of: 0x3A).map { String(decoding: line[..<$0], as: UTF8.self).lowercased() } ?? ""
+            if !dropped.contains(name) { result += line }
+        }
+        return result + Array("Transfer-Encoding: chunked\r\n".utf8) + end
     }
 }
 

@@ -94,6 +94,7 @@ extension RewriterCore {
             hostOK = computeRequestDenials(b)
             violation = rewriteHead(b)
             if head.upgrade { dropWebSocketExtensions(b) }
+            if configuration.identityResponses { askForIdentity() }
         }
         if let parseError {
             fail(parseError, &output)
@@ -160,7 +161,7 @@ extension RewriterCore {
 
     /// How the response to the request just parsed is framed.
     func expectedResponse() -> ExpectedResponse {
-        var response = ExpectedResponse(isConnect: head.isConnect)
+        var response = ExpectedResponse(isConnect: head.isConnect, http10: head.minorVersion == 0)
         headBuffer.withUnsafeReadableBytes { b in
             response.isHead = head.method.count == 4 && b[head.method].elementsEqual("HEAD".utf8)
             if head.upgrade, let field = head.fields.first(where: { $0.kind == .upgrade }) {
@@ -198,6 +199,22 @@ extension RewriterCore {
         for field in head.fields where field.name.count == 24 && RequestHead.equalsIgnoringCase(b, field.name, "sec-websocket-extensions") {
             guard !edits.contains(where: { $0.range.overlaps(field.line) }) else { continue }
             edits.append((field.line, ByteBuffer()))
+        }
+    }
+
+    /// Responses are masked on this connection: a content coding would hide values from the
+    /// scan, so the request asks for none (its `Accept-Encoding` lines become one
+    /// `Accept-Encoding: identity`).
+    mutating func askForIdentity() {
+        var replaced = false
+        for field in head.fields where field.kind == .acceptEncoding {
+            guard !edits.contains(where: { $0.range.overlaps(field.line) }) else { continue }
+            edits.append((field.line, replaced ? ByteBuffer() : ByteBuffer(string: "Accept-Encoding: identity\r\n")))
+            replaced = true
+        }
+        if !replaced {
+            let end = head.length - 2  // before the empty line
+            edits.append((end..<end, ByteBuffer(string: "Accept-Encoding: identity\r\n")))
         }
     }
 

@@ -7,9 +7,8 @@
 /// Unlike placeholders, values are found anywhere, with no token boundary: a value inside
 /// a longer run is still the value.
 ///
-/// Base64 is matched from the first character that carries at least four bits of the value
-/// to the last that carries any: at one of the three alignments the first character holds
-/// only two bits of the value's first byte, and those two bits are not masked.
+/// Base64 is matched from the first character that carries any bit of the value to the
+/// last that does, so every bit of the value is replaced.
 struct ValueMatcher: StreamMatcher {
     /// One base64 encoding of a value: per character, which of its six bits the value
     /// fixes and to what.
@@ -22,8 +21,13 @@ struct ValueMatcher: StreamMatcher {
 
     let values: [[UInt8]]
     let patterns: [Base64Pattern]
-    /// Every byte a match can start with.
+    /// Every byte a match can start with, but for the next two sets.
     let starts: ByteSet
+    /// Characters that carry only two bits of a value (base64 after two unknown bytes):
+    /// a candidate only before an `anchor` (the next character, fully the value's) or at
+    /// the end of what has arrived, so plain text does not stop at every fourth letter.
+    let twoBitStarts: ByteSet
+    let anchors: ByteSet
     let scanner: ByteScanner?
     let lookahead: Int
 
@@ -32,6 +36,8 @@ struct ValueMatcher: StreamMatcher {
         self.values = values
         var patterns: [Base64Pattern] = []
         var starts = ByteSet()
+        var twoBitStarts = ByteSet()
+        var anchors = ByteSet()
         var startList: [UInt8] = [UInt8(ascii: "%"), UInt8(ascii: "\\")]
         var longest = 1
         for (secret, value) in values.enumerated() where !value.isEmpty {
@@ -40,8 +46,12 @@ struct ValueMatcher: StreamMatcher {
             guard value.count >= 4 else { continue }
             for alignment in 0..<3 {
                 let pattern = Self.base64Pattern(value, alignment: alignment, secret: secret)
-                for char in Self.alphabet where Self.decodeTable[Int(char)] & pattern.masks[0] == pattern.bits[0] {
-                    if !startList.contains(char) { startList.append(char) }
+                func chars(_ j: Int) -> [UInt8] { Self.alphabet.filter { Self.decodeTable[Int($0)] & pattern.masks[j] == pattern.bits[j] } }
+                if pattern.masks[0].nonzeroBitCount >= 4 {
+                    for char in chars(0) where !startList.contains(char) { startList.append(char) }
+                } else {
+                    for char in chars(0) { twoBitStarts.insert(char) }
+                    for char in chars(1) { anchors.insert(char) }
                 }
                 patterns.append(pattern)
             }
@@ -49,7 +59,9 @@ struct ValueMatcher: StreamMatcher {
         for byte in startList { starts.insert(byte) }
         self.patterns = patterns
         self.starts = starts
-        self.scanner = startList.count <= 4 ? ByteScanner(startList) : nil
+        self.twoBitStarts = twoBitStarts
+        self.anchors = anchors
+        self.scanner = startList.count <= 4 && patterns.isEmpty ? ByteScanner(startList) : nil
         // The longest value fully JSON-escaped; base64 is shorter.
         self.lookahead = 6 * longest + 8
     }
@@ -61,7 +73,9 @@ struct ValueMatcher: StreamMatcher {
         var i = from
         let count = bytes.count
         while i < count {
-            if starts.contains(bytes[i]) { return i }
+            let b = bytes[i]
+            if starts.contains(b) { return i }
+            if twoBitStarts.contains(b), i + 1 == count || anchors.contains(bytes[i + 1]) { return i }
             i += 1
         }
         return nil
@@ -196,12 +210,11 @@ struct ValueMatcher: StreamMatcher {
         return table
     }()
 
-    /// `value` after `alignment` unknown bytes: the characters it determines, from the first
-    /// with at least four of its bits to the last with any.
+    /// `value` after `alignment` unknown bytes: the characters that carry its bits.
     static func base64Pattern(_ value: [UInt8], alignment: Int, secret: Int) -> Base64Pattern {
         let (masks, bits) = sixBitGroups(value, alignment: alignment)
         var first = 0
-        while first < masks.count, masks[first].nonzeroBitCount < 4 { first += 1 }
+        while first < masks.count, masks[first] == 0 { first += 1 }
         return Base64Pattern(secret: secret, alignment: alignment, masks: Array(masks[first...]), bits: Array(bits[first...]))
     }
 

@@ -31,6 +31,8 @@ public final class ProxyMetrics: Sendable {
     let dnsUntrustedSource: Counter
     let egressDenied: Counter
     let hostMismatches: Counter
+    let responseBytesScanned: Counter
+    let responseFramingErrors: Counter
 
     public init() {
         let registry = PrometheusCollectorRegistry()
@@ -61,6 +63,8 @@ public final class ProxyMetrics: Sendable {
         dnsUntrustedSource = counter("keyhole_dns_answers_total", [("result", "dropped-untrusted-source")])
         egressDenied = counter("keyhole_egress_denied_total", [])
         hostMismatches = counter("keyhole_host_mismatches_total", [])
+        responseBytesScanned = counter("keyhole_response_bytes_scanned_total", [])
+        responseFramingErrors = counter("keyhole_response_framing_errors_total", [])
     }
 
     /// One counter per (secret, site), made on first use and kept, so a substitution costs
@@ -72,6 +76,21 @@ public final class ProxyMetrics: Sendable {
             let key = secret + "\u{0}" + site
             if let existing = counters[key] { return existing }
             let made = Counter(label: "keyhole_substitutions_total", dimensions: [("secret", secret), ("site", site)], factory: factory)
+            counters[key] = made
+            return made
+        }
+        counter.increment()
+    }
+
+    private let maskingCounters = Mutex<[String: Counter]>([:])
+
+    /// A real value in a response was replaced by its placeholder.
+    func masked(secret: String, site: String, form: String) {
+        let counter = maskingCounters.withLock { counters in
+            let key = secret + "\u{0}" + site + "\u{0}" + form
+            if let existing = counters[key] { return existing }
+            let made = Counter(
+                label: "keyhole_maskings_total", dimensions: [("secret", secret), ("site", site), ("form", form)], factory: factory)
             counters[key] = made
             return made
         }

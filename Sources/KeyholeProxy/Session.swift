@@ -31,8 +31,10 @@ final class Session {
     /// Set while a request head is partly received; fires the slowloris defence.
     var headDeadline: Scheduled<Void>?
     var requestsCounted = 0
-    /// While an upgrade request waits for the upstream's answer: reads its response head.
-    var upgradeDecision: UpgradeDecision?
+    /// The upstream → guest direction of an HTTP connection: response framing (which
+    /// decides upgrades) and masking.
+    var masker: ResponseMasker?
+    var maskOutput = MaskOutput()
 
     init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy) {
         self.id = id
@@ -171,9 +173,18 @@ final class Session {
                 if let guestTLS {
                     try guestPipeline.addHandler(NIOSSLServerHandler(context: guestTLS), position: .after(context.handler))
                 }
+                let identity = makeIdentity(tls: guestTLS != nil)
+                // Responses are masked where a value may go upstream: a secret is allowed
+                // for the name this connection goes to (and on any connection, once a
+                // substitution happened on it).
+                let names = identity.sni.map { [$0] } ?? Array(identity.dnsPinnedNames)
+                let masking = !opaque && policy.secrets.contains { secret in names.contains { secret.allowedHosts.allows($0) } }
+                var configuration = RewriterConfiguration()
+                configuration.identityResponses = masking
                 rewriter = RequestRewriter(
-                    identity: makeIdentity(tls: guestTLS != nil), secrets: policy.secrets, mode: opaque ? .opaque : .http,
+                    identity: identity, secrets: policy.secrets, configuration: configuration, mode: opaque ? .opaque : .http,
                     heldBodyBudget: shared.heldBodies)
+                if !opaque { masker = ResponseMasker(secrets: policy.secrets, masking: masking) }
             }
             try guestPipeline.addHandler(GuestSideHandler(session: self), position: .last)
             if let watcher = try? upstreamPipeline.handler(type: HandshakeWatcher.self) {
@@ -239,12 +250,47 @@ final class Session {
 
     func fromUpstream(_ buffer: ByteBuffer) {
         guard !finished else { return }
-        if let rewriter, rewriter.status == .awaitingUpgradeDecision {
-            // The upstream's answer to the upgrade request decides, read as a response head
-            // (split anywhere); its bytes go on to the guest as they are.
-            if upgradeDecision == nil { upgradeDecision = rewriter.pendingUpgrade }
-            if let outcome = upgradeDecision?.feed(buffer) {
-                upgradeDecision = nil
+        guard let masker else {
+            // Opaque flows and TLS bypass: relayed as they are.
+            shared.metrics.bytesDownstream.increment(by: Int64(buffer.readableBytes))
+            guest.writeAndFlush(buffer, promise: nil)
+            return
+        }
+        masker.consume(buffer, into: &maskOutput)
+        deliverToGuest()
+    }
+
+    /// Writes what the masker decided to the guest and acts on its events: an upgrade
+    /// decided from the request/response pair, a masking (audited), or a response that
+    /// cannot be read (reset).
+    private func deliverToGuest() {
+        if maskOutput.scannedBytes > 0 {
+            shared.metrics.responseBytesScanned.increment(by: Int64(maskOutput.scannedBytes))
+            maskOutput.scannedBytes = 0
+        }
+        if !maskOutput.guest.isEmpty {
+            var total = 0
+            for piece in maskOutput.guest {
+                total += piece.readableBytes
+                guest.write(piece, promise: nil)
+            }
+            guest.flush()
+            shared.metrics.bytesDownstream.increment(by: Int64(total))
+            maskOutput.guest.removeAll(keepingCapacity: true)
+        }
+        guard !maskOutput.events.isEmpty else { return }
+        let events = maskOutput.events
+        maskOutput.events.removeAll(keepingCapacity: true)
+        for event in events {
+            switch event {
+            case .masked(let secret, let site, let form):
+                shared.metrics.masked(secret: secret, site: site.rawValue, form: form.rawValue)
+                shared.audit.write(
+                    AuditRecord(
+                        level: .info, event: "masked", sandbox: policy.name, connection: id, secret: secret, site: site.rawValue,
+                        form: form.rawValue, sni: serverName, destination: destinationText))
+            case .upgrade(let outcome):
+                guard let rewriter, rewriter.status == .awaitingUpgradeDecision else { continue }
                 if case .accepted(let chosen) = outcome {
                     rewriter.upgradeAccepted(websocket: chosen == "websocket", into: &output)
                 } else {
@@ -252,10 +298,17 @@ final class Session {
                 }
                 deliver(rewriter)
                 updateGuestReading()
+            case .framingError(let error, let detail):
+                shared.metrics.responseFramingErrors.increment()
+                shared.audit.write(
+                    AuditRecord(
+                        level: .warn, event: error == .valueInResponse ? "value-in-response" : "response-framing-error", sandbox: policy.name,
+                        connection: id, reason: error.rawValue, action: "reset", sni: serverName, destination: destinationText,
+                        detail: "\(error.explanation) (\(detail))"))
+                abort()
+                return
             }
         }
-        shared.metrics.bytesDownstream.increment(by: Int64(buffer.readableBytes))
-        guest.writeAndFlush(buffer, promise: nil)
     }
 
     /// The guest is read while the upstream can take more and no upgrade is being decided
@@ -270,6 +323,10 @@ final class Session {
 
     private func deliver(_ rewriter: RequestRewriter) {
         guard let upstream else { return }
+        if !output.expectedResponses.isEmpty {
+            for expected in output.expectedResponses { masker?.expect(expected) }
+            output.expectedResponses.removeAll(keepingCapacity: true)
+        }
         if output.requests > requestsCounted {
             shared.metrics.requests.increment(by: Int64(output.requests - requestsCounted))
             requestsCounted = output.requests
@@ -303,6 +360,7 @@ final class Session {
     private func handle(_ event: RewriteEvent) {
         switch event {
         case .substituted(let secret, let site, let request):
+            masker?.activate()
             shared.metrics.substitution(secret: secret, site: site.rawValue)
             shared.audit.write(
                 AuditRecord(
@@ -365,6 +423,12 @@ final class Session {
 
     func upstreamClosed() {
         guard !finished else { return }
+        if let masker {
+            // A close-delimited body ends here; what the masker held back is decided now.
+            masker.finish(into: &maskOutput)
+            deliverToGuest()
+            if finished { return }
+        }
         finished = true
         guest.close(promise: nil)
     }

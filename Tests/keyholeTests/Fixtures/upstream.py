@@ -5,8 +5,52 @@ Each request becomes one JSON line in --log: method, path (with query), headers,
 Responds 200 "ok" (never echoing what it received), or 101 for WebSocket upgrades, after
 which it logs each client frame unmasked ({"ws": payload, "opcode": n}).
 --slow N sleeps N ms between 64 KiB reads of a body (a slow reader, for backpressure tests).
+--reflect answers paths under /reflect/ by echoing the request's Authorization value
+(the bearer token, or the password of Basic credentials) back in many forms (see reflect()).
 """
-import argparse, json, socket, ssl, sys, threading, time
+import argparse, base64, gzip, json, socket, ssl, sys, threading, time, urllib.parse
+
+def reflect(path, h):
+    """A response (bytes) that hands back what it received, the ways real services do."""
+    auth = h.get("authorization", "")
+    token = auth.split(" ", 1)[1] if " " in auth else auth
+    if auth.lower().startswith("basic "):
+        token = base64.b64decode(token).decode().split(":", 1)[1]
+    kind = path.split("?")[0].rsplit("/", 1)[-1]
+    def ok(body, extra=b"", ctype=b"application/json"):
+        return b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\n" + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    if kind == "header":
+        return b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error=\"invalid_token\", token=\"" + token.encode() + b"\"\r\nContent-Length: 0\r\n\r\n"
+    if kind == "body":
+        return ok(json.dumps({"headers": {"Authorization": auth}}).encode())
+    if kind == "json":  # every character \u-escaped, and / as \/
+        return ok(('{"error":"bad token \\/ ' + "".join("\\u%04x" % ord(c) for c in token) + '"}').encode())
+    if kind == "percent":
+        return ok(("token=" + urllib.parse.quote(token, safe="")).encode(), ctype=b"application/x-www-form-urlencoded")
+    if kind == "base64":
+        return ok(json.dumps({"basic": base64.b64encode(("user:" + token).encode()).decode(),
+                              "url": base64.urlsafe_b64encode(("x" + token).encode()).decode()}).encode())
+    if kind == "redirect":
+        return b"HTTP/1.1 302 Found\r\nLocation: https://login.example.test/cb?" + path.split("?", 1)[-1].encode() + b"\r\nContent-Length: 0\r\n\r\n"
+    if kind == "chunked":  # the value split across 3-byte chunks
+        body = ("echo " + token + " done").encode()
+        out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for i in range(0, len(body), 3):
+            piece = body[i:i + 3]
+            out += b"%x\r\n" % len(piece) + piece + b"\r\n"
+        return out + b"0\r\n\r\n"
+    if kind == "gzip":  # compressed only when the client says it takes gzip
+        body = json.dumps({"token": token}).encode()
+        if "gzip" in h.get("accept-encoding", ""):
+            return ok(gzip.compress(body), extra=b"Content-Encoding: gzip\r\n")
+        return ok(body)
+    if kind == "forced-gzip":  # compressed whatever the client asked
+        return ok(gzip.compress(json.dumps({"token": token}).encode()), extra=b"Content-Encoding: gzip\r\n")
+    if kind == "brotli":  # a coding Keyhole cannot read, whatever the client asked
+        return ok(b"\x1b\x03\x00\xf8\xa5" + token.encode()[::-1], extra=b"Content-Encoding: br\r\n")
+    if kind == "binary":  # no value: must arrive byte for byte
+        return ok(bytes(range(256)) * 64 + b"%24\\u0024$MSB", ctype=b"application/octet-stream")
+    return ok(b"unknown reflect kind")
 
 def frame_header_length(buf):
     n = buf[1] & 0x7F
@@ -104,6 +148,9 @@ def handle(conn, args, lock):
                     with lock:
                         with open(args.log, "a") as f:
                             f.write(json.dumps({"ws": payload.decode("latin-1"), "opcode": opcode}) + "\n")
+            if args.reflect and target.startswith("/reflect/"):
+                conn.sendall(reflect(target, h))
+                continue
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\nok\n")
     except (OSError, ValueError):
         return
@@ -119,6 +166,7 @@ def main():
     p.add_argument("--log", required=True)
     p.add_argument("--slow", type=int, default=0)
     p.add_argument("--discard", action="store_true", help="count body bytes instead of keeping them")
+    p.add_argument("--reflect", action="store_true", help="echo the Authorization value back under /reflect/")
     args = p.parse_args()
     family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
     srv = socket.socket(family, socket.SOCK_STREAM)
