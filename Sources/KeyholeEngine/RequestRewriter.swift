@@ -157,10 +157,6 @@ public final class RequestRewriter {
         core.upgradeDeclined(into: &output)
     }
 
-    /// While the status is `awaitingUpgradeDecision`: what to read the upstream's answer
-    /// with (the held request's `Upgrade` protocols, or CONNECT).
-    public var pendingUpgrade: UpgradeDecision? { core.pendingUpgrade }
-
     /// Bytes the guest sent after the upgrade request, held until the decision.
     public var heldUpgradeBytes: Int { core.upgradeHeldBytes }
 
@@ -236,7 +232,6 @@ struct RewriterCore {
     // Upgrade.
     var upgradeHeld: [ByteBuffer] = []
     var upgradeHeldBytes = 0
-    var pendingUpgrade: UpgradeDecision?
     var webSocket = WebSocketStream()
     var heldBodyBudget: HeldBodyBudget?
     /// What this connection holds of the budget (the body being held).
@@ -393,7 +388,6 @@ struct RewriterCore {
         let held = upgradeHeld
         upgradeHeld = []
         upgradeHeldBytes = 0
-        pendingUpgrade = nil
         for buffer in held { consume(buffer, into: &output) }
     }
 

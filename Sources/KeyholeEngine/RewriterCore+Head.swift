@@ -174,16 +174,9 @@ extension RewriterCore {
 
     mutating func finishRequest(_ output: inout RewriteOutput) {
         if case .blocked = state { return }
+        // An upgrade request waits for its response (read by `ResponseMasker`, paired through
+        // `expectedResponses`); what the guest sends meanwhile is held.
         state = (head.upgrade || head.isConnect) ? .awaitingUpgrade : .head
-        if case .awaitingUpgrade = state {
-            var protocols: String?
-            headBuffer.withUnsafeReadableBytes { b in
-                if let field = head.fields.first(where: { $0.kind == .upgrade }) {
-                    protocols = String(decoding: UnsafeRawBufferPointer(rebasing: b[field.value]), as: UTF8.self)
-                }
-            }
-            pendingUpgrade = UpgradeDecision(upgrade: protocols, connect: head.isConnect)
-        }
         if case .head = state {
             // Nothing refers to this request any more: let go of its input, so the buffer the
             // next read lands in (NIOSSL reuses one) is not shared and need not be copied.
