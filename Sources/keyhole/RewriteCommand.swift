@@ -17,6 +17,12 @@ struct RewriteCommand: ParsableCommand {
             exactly the bytes that would go upstream to stdout, and audit events (JSON lines) \
             to stderr. The output does not depend on --chunk-size.
 
+            With --response FILE, FILE is the upstream's answer on that connection: stdout \
+            then carries what the guest would receive (responses paired with the requests, \
+            real values masked), and the upstream bytes go to --upstream-output if given. \
+            Masking is on as in the proxy: when a secret is allowed for HOST, or once a \
+            substitution happened.
+
             Exit status: 0 passed, 3 blocked (violation or broken framing), 2 usage or policy error.
             """
     )
@@ -56,6 +62,12 @@ struct RewriteCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Largest Content-Length body held for body substitution, in bytes.", valueName: "bytes"))
     var maxHeldBody: Int = RewriterConfiguration().maxHeldBody
 
+    @Option(help: ArgumentHelp("The upstream's response stream: stdout becomes what the guest receives (masked).", valueName: "file"))
+    var response: String?
+
+    @Option(help: ArgumentHelp("With --response: where the upstream bytes go (default: nowhere).", valueName: "file"))
+    var upstreamOutput: String?
+
     func validate() throws {
         if let chunkSize, chunkSize < 1 { throw ValidationError("--chunk-size must be at least 1") }
         if maxHeldBody < 0 { throw ValidationError("--max-held-body must not be negative") }
@@ -70,17 +82,32 @@ struct RewriteCommand: ParsableCommand {
             upstreamVerified: !plain && identity == .verified)
         var configuration = RewriterConfiguration()
         configuration.maxHeldBody = maxHeldBody
+        // Masking as in the proxy: a secret allowed for the host, or a substitution.
+        let masking = loaded.secrets.contains { $0.allowedHosts.allows(host) }
+        configuration.identityResponses = masking
         let rewriter = RequestRewriter(identity: connection, secrets: loaded.secrets, configuration: configuration)
         let audit = AuditLine(sandbox: loaded.name, sni: plain ? nil : host, action: loaded.network.onSecretViolation)
+        let masker = ResponseMasker(secrets: loaded.secrets, masking: masking)
+        var upstreamFD: Int32 = response == nil ? 1 : -1
+        if response != nil, let upstreamOutput {
+            upstreamFD = open(upstreamOutput, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            guard upstreamFD >= 0 else { throw ValidationError("\(upstreamOutput): cannot open for writing") }
+        }
+        defer { if upstreamFD > 1 { close(upstreamFD) } }
 
         var output = RewriteOutput()
         var blocked = false
         func deliver() {
-            for buffer in output.upstream { StandardStream.write(1, buffer) }
+            if upstreamFD >= 0 { for buffer in output.upstream { StandardStream.write(upstreamFD, buffer) } }
             output.upstream.removeAll(keepingCapacity: true)
+            for expected in output.expectedResponses { masker.expect(expected) }
+            output.expectedResponses.removeAll(keepingCapacity: true)
             for event in output.events {
                 Output.err(audit.json(event))
-                if case .substituted = event { continue }
+                if case .substituted = event {
+                    masker.activate()
+                    continue
+                }
                 blocked = true
             }
             output.events.removeAll(keepingCapacity: true)
@@ -115,7 +142,47 @@ struct RewriteCommand: ParsableCommand {
         }
         rewriter.finish(into: &output)
         deliver()
+        if let response {
+            try maskResponse(response, masker: masker, audit: audit, blocked: &blocked)
+        }
         if blocked || rewriter.status == .blocked { throw ExitCode(3) }
+    }
+
+    /// Feeds the response stream to the masker; what the guest would receive goes to stdout.
+    private func maskResponse(_ path: String, masker: ResponseMasker, audit: AuditLine, blocked: inout Bool) throws {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw ValidationError("\(path): cannot open: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var output = MaskOutput()
+        var failed = false
+        func deliver() {
+            for buffer in output.guest { StandardStream.write(1, buffer) }
+            output.guest.removeAll(keepingCapacity: true)
+            for event in output.events {
+                Output.err(audit.json(event))
+                if case .framingError = event { failed = true }
+            }
+            output.events.removeAll(keepingCapacity: true)
+        }
+        while !failed {
+            var buffer = ByteBufferAllocator().buffer(capacity: 64 * 1024)
+            let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 64 * 1024) { raw in
+                var r: Int
+                repeat { r = read(fd, raw.baseAddress, raw.count) } while r < 0 && errno == EINTR
+                return max(r, 0)
+            }
+            if n == 0 { break }
+            var rest = buffer
+            while rest.readableBytes > 0, !failed {
+                masker.consume(rest.readSlice(length: min(chunkSize ?? rest.readableBytes, rest.readableBytes))!, into: &output)
+                deliver()
+            }
+        }
+        if !failed {
+            masker.finish(into: &output)
+            deliver()
+        }
+        if failed { blocked = true }
     }
 }
 
@@ -143,6 +210,26 @@ struct AuditLine {
         case .hostMismatch(let request):
             fields += [("event", "host-mismatch"), ("reason", sni == nil ? "authority-not-host" : "host-not-sni"), ("action", "reset")]
             fields += requestFields(request)
+        }
+        return "{" + fields.compactMap { key, value in value.map { "\"\(key)\":\(JSON.string($0))" } }.joined(separator: ",") + "}"
+    }
+
+    func json(_ event: MaskEvent) -> String {
+        var fields: [(String, String?)] = [("sandbox", sandbox)]
+        switch event {
+        case .masked(let secret, let site, let form):
+            fields += [("event", "masked"), ("secret", secret), ("site", site.rawValue), ("form", form.rawValue), ("sni", sni)]
+        case .upgrade(let outcome):
+            if case .accepted(let chosen) = outcome {
+                fields += [("event", "upgrade-accepted"), ("detail", chosen ?? "CONNECT"), ("sni", sni)]
+            } else {
+                fields += [("event", "upgrade-declined"), ("sni", sni)]
+            }
+        case .framingError(let error, let detail):
+            fields += [
+                ("event", error == .valueInResponse ? "value-in-response" : "response-framing-error"), ("reason", error.rawValue),
+                ("detail", error.explanation + " (" + detail + ")"), ("action", "reset"), ("sni", sni),
+            ]
         }
         return "{" + fields.compactMap { key, value in value.map { "\"\(key)\":\(JSON.string($0))" } }.joined(separator: ",") + "}"
     }

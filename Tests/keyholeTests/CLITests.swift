@@ -193,6 +193,35 @@ struct RewriteCLITests {
         #expect(!reference.stderr.contains("secretquery"))
     }
 
+    @Test func aResponseStreamIsMaskedIndependentlyOfChunkSize() throws {
+        // Two requests, two responses: one quoting the value in a header and a chunked body
+        // (split across chunks), one HEAD-like 204 with nothing to mask.
+        let response = "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer token=\"cli-real-value\"\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + "7\r\necho cl\r\nC\r\ni-real-value\r\n0\r\n\r\n" + "HTTP/1.1 204 No Content\r\n\r\n"
+        let path = "/tmp/keyhole-rewrite-response-\(getpid()).bin"
+        let upstream = "/tmp/keyhole-rewrite-upstream-\(getpid()).bin"
+        defer {
+            unlink(path)
+            unlink(upstream)
+        }
+        _ = FileManager.default.createFile(atPath: path, contents: Data(response.utf8))
+        let arguments = ["rewrite", "--policy", Self.policy, "--sni", "api.example.com", "--response", path]
+        let reference = try CLI.run(arguments + ["--upstream-output", upstream], stdin: stream)
+        #expect(reference.status == 0, "\(reference.stderr)")
+        #expect(reference.stdout == "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer token=\"$MSB_TOKEN\"\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + "7\r\necho $M\r\nC\r\nSB_TOKEN****\r\n0\r\n\r\n" + "HTTP/1.1 204 No Content\r\n\r\n")
+        #expect(reference.stderr.contains("\"event\":\"masked\",\"secret\":\"TOKEN\",\"site\":\"response-head\""))
+        #expect(reference.stderr.contains("\"site\":\"response-body\""))
+        #expect(!reference.stderr.contains("cli-real-value"))
+        // The upstream got the value, and was asked for identity responses.
+        let sent = try String(contentsOfFile: upstream, encoding: .utf8)
+        #expect(sent.contains("Authorization: Bearer cli-real-value\r\n") && sent.contains("Accept-Encoding: identity\r\n"))
+        for size in ["1", "3", "11"] {
+            let run = try CLI.run(arguments + ["--chunk-size", size], stdin: stream)
+            #expect(run.stdout == reference.stdout, "chunk size \(size)")
+        }
+    }
+
     @Test func blockedExitsThreeWithAnAuditEvent() throws {
         let fronted = Data("GET / HTTP/1.1\r\nHost: evil.example.net\r\nX: $MSB_TOKEN\r\n\r\n".utf8)
         let run = try CLI.run(["rewrite", "--policy", Self.policy, "--sni", "api.example.com"], stdin: fronted)
