@@ -334,32 +334,38 @@ public final class ResponseMasker {
     private func emitHead(_ head: [UInt8], _ original: ByteBuffer, _ output: inout MaskOutput) {
         guard masking else { return output.guest.append(original) }
         output.scannedBytes += head.count
+        if let masked = maskExact(head, site: .head, &output) {
+            output.guest.append(ByteBuffer(bytes: masked))
+        } else {
+            output.guest.append(original)
+        }
+    }
+
+    /// `bytes` with every value replaced by its placeholder (base64 re-encoded in place), or
+    /// nil when there is none.
+    private func maskExact(_ bytes: [UInt8], site: MaskSite, _ output: inout MaskOutput) -> [UInt8]? {
         var result: [UInt8] = []
         var copied = 0
         var i = 0
-        head.withUnsafeBytes { b in
+        bytes.withUnsafeBytes { b in
             while let c = matcher.nextPlausibleCandidate(in: b, from: i, previous: nil) {
                 guard case .match(let secret, let form, let length) = matcher.match(b, at: c, previous: nil, final: true) else {
                     i = c + 1
                     continue
                 }
-                result += head[copied..<c]
+                result += bytes[copied..<c]
                 if form == .base64 {
-                    result += matcher.maskBase64(Array(head[c..<(c + length)]), secret: secret, filler: secrets[secret].placeholder)
+                    result += matcher.maskBase64(Array(bytes[c..<(c + length)]), secret: secret, filler: secrets[secret].placeholder)
                 } else {
                     result += secrets[secret].placeholder
                 }
-                output.events.append(.masked(secret: secrets[secret].env, site: .head, form: form))
+                output.events.append(.masked(secret: secrets[secret].env, site: site, form: form))
                 copied = c + length
                 i = c + length
             }
         }
-        if copied == 0 {
-            output.guest.append(original)
-        } else {
-            result += head[copied...]
-            output.guest.append(ByteBuffer(bytes: result))
-        }
+        guard copied > 0 else { return nil }
+        return result + bytes[copied...]
     }
 
     private func decideFraming(_ head: ResponseHead, _ output: inout MaskOutput) {
@@ -433,7 +439,9 @@ public final class ResponseMasker {
     }
 
     private func consumeChunkSize(_ input: inout ByteBuffer, _ output: inout MaskOutput) {
-        framing(takeLine(&input, into: &line), &output)
+        // The line is held until complete (1 KiB at most). A chunk extension is masked on
+        // its own, exactly, like a head: it is framing, and the chunks' data stays one stream.
+        _ = takeLine(&input, into: &line)
         guard line.count <= 1024 else { return fail(.malformedChunk, "chunk-size line too long", &output) }
         guard line.last == 0x0A else { return }
         var size = 0
@@ -444,8 +452,15 @@ public final class ResponseMasker {
             size = size << 4 | Int(h)
             digits += 1
         }
-        line.removeAll(keepingCapacity: true)
         guard digits > 0 else { return fail(.malformedChunk, "no chunk size", &output) }
+        if decoder == nil {
+            if masking, let masked = maskExact(line, site: .body, &output) {
+                pass(ByteBuffer(bytes: masked), &output)
+            } else {
+                pass(ByteBuffer(bytes: line), &output)
+            }
+        }
+        line.removeAll(keepingCapacity: true)
         if size == 0 {
             trailerLine.removeAll(keepingCapacity: true)
             state = .trailers

@@ -121,6 +121,16 @@ struct ResponseMaskingTests {
         }
     }
 
+    @Test func chunkExtensionsAndTrailersAreMaskedToo() {
+        let response = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;echo=\(Self.value)\r\nok\r\n0\r\nX-Echo: \(Self.value)\r\n\r\n"
+        for chunk in [nil, 1, 5] as [Int?] {
+            let outcome = run(response, chunk: chunk)
+            let masked = Self.padded(Self.value.utf8.count)
+            // An extension is framing, masked exactly; trailers stream like the body.
+            #expect(outcome.text == "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;echo=$MSB_TOKEN\r\nok\r\n0\r\nX-Echo: \(masked)\r\n\r\n")
+        }
+    }
+
     @Test func base64AtEveryAlignmentIncludingBasicCredentialsIsMasked() {
         for prefix in ["", "u", "us", "user:", "x:"] {
             for urlSafe in [false, true] {

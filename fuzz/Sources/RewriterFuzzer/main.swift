@@ -9,6 +9,11 @@ import NIOCore
 //   - no crash, no hang (libFuzzer's timeout);
 //   - the output does not depend on how the input is split;
 //   - a real value only leaves the engine for a context that allows it.
+// When the rest starts with `HTTP/1.`, it is an upstream's response stream instead, read by
+// the ResponseMasker (the first byte picks the split and what the requests were):
+//   - no crash, no hang; output and events do not depend on the split;
+//   - with masking on, no real value reaches the guest raw;
+//   - with masking off, the guest gets the input unchanged (or a prefix, if it breaks).
 
 let allowed = Secret(
     env: "TOKEN", value: SecretValue("FUZZ-REAL-VALUE"), allowedHosts: HostAllowList(exact: ["api.example.com"]),
@@ -53,6 +58,48 @@ func run(_ bytes: UnsafeRawBufferPointer, identity: ConnectionIdentity, split: I
     return (upstream, events)
 }
 
+func runResponse(_ bytes: UnsafeRawBufferPointer, split: Int, masking: Bool, requests: [ExpectedResponse]) -> ([UInt8], [MaskEvent]) {
+    let masker = ResponseMasker(secrets: secrets, masking: masking)
+    for request in requests { masker.expect(request) }
+    var output = MaskOutput()
+    var guest: [UInt8] = []
+    var offset = 0
+    while offset < bytes.count {
+        let end = min(bytes.count, offset + split)
+        masker.consume(ByteBuffer(bytes: bytes[offset..<end]), into: &output)
+        offset = end
+    }
+    masker.finish(into: &output)
+    for buffer in output.guest { guest += buffer.readableBytesView }
+    return (guest, output.events)
+}
+
+func fuzzResponse(_ bytes: UnsafeRawBufferPointer, selector: UInt8) {
+    // Eight requests: HEAD, an upgrade to websocket, a CONNECT, or a GET, as the bits say.
+    var requests: [ExpectedResponse] = []
+    for k in 0..<8 {
+        switch (Int(selector) >> (k % 4)) & 3 {
+        case 1: requests.append(ExpectedResponse(isHead: true))
+        case 2: requests.append(ExpectedResponse(upgrade: ["websocket"]))
+        case 3: requests.append(ExpectedResponse(isConnect: k == 7))
+        default: requests.append(ExpectedResponse())
+        }
+    }
+    let split = Int((selector >> 2) & 0x1F) + 1
+    for masking in [true, false] {
+        let whole = runResponse(bytes, split: Int.max, masking: masking, requests: requests)
+        let pieces = runResponse(bytes, split: split, masking: masking, requests: requests)
+        precondition(whole.0 == pieces.0, "response output depends on the split")
+        precondition(whole.1 == pieces.1, "response events depend on the split")
+        if masking {
+            let text = String(decoding: whole.0, as: UTF8.self)
+            precondition(!text.contains("FUZZ-REAL-VALUE") && !text.contains("FUZZ-OTHER-VALUE"), "a real value reached the guest")
+        } else {
+            precondition(whole.0.count <= bytes.count && whole.0.elementsEqual(bytes.prefix(whole.0.count)), "an unmasked response was altered")
+        }
+    }
+}
+
 /// SwiftPM links `main` to this symbol; hand control to libFuzzer's driver.
 @_cdecl("RewriterFuzzer_main")
 public func fuzzerMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
@@ -67,6 +114,10 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     guard size > 0 else { return 0 }
     let selector = data[0]
     let bytes = UnsafeRawBufferPointer(start: data + 1, count: size - 1)
+    if bytes.starts(with: "HTTP/1.".utf8) {
+        fuzzResponse(bytes, selector: selector)
+        return 0
+    }
     let identity = contexts[Int(selector & 3)]
     let mode: RequestRewriter.Mode = selector & 0x80 != 0 ? .opaque : .http
     let split = Int((selector >> 2) & 0x1F) + 1
