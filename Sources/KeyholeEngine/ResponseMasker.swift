@@ -258,6 +258,9 @@ public final class ResponseMasker {
     }
 
     private func fail(_ error: ResponseFramingError, _ detail: String, _ output: inout MaskOutput) {
+        // What the scan decided before the fault goes out (however the input was split);
+        // anything undecided (it may begin a value) does not.
+        if masking { stream.drain(final: false, site: site, secrets: secrets, into: &output) }
         output.events.append(.framingError(error, detail: detail))
         state = .failed
     }
