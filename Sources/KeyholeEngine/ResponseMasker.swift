@@ -278,6 +278,15 @@ public final class ResponseMasker {
     // MARK: head
 
     private func consumeHead(_ input: inout ByteBuffer, _ output: inout MaskOutput) {
+        // Empty lines before a status line are skipped (passed on), as RFC 9112 §2.2 allows.
+        if headBytes.isEmpty {
+            let view = input.readableBytesView
+            let blank = view.prefix { $0 == 0x0D || $0 == 0x0A }.count
+            if blank > 0 {
+                output.guest.append(input.readSlice(length: blank)!)
+                return
+            }
+        }
         // Up to the end of the head: an empty line (CRLF CRLF, or bare LFs).
         var end: Int?
         input.withUnsafeReadableBytes { b in
@@ -304,10 +313,6 @@ public final class ResponseMasker {
         guard end != nil else {
             headBytes += piece.readableBytesView
             return
-        }
-        // A stray CRLF between responses is skipped, as RFC 9112 §2.2 allows.
-        if headBytes.isEmpty, piece.readableBytes <= 2, piece.readableBytesView.allSatisfy({ $0 == 0x0D || $0 == 0x0A }) {
-            return output.guest.append(piece)
         }
         let head: [UInt8]
         let original: ByteBuffer

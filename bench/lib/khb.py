@@ -9,6 +9,7 @@
   khb.py auth-check LOG REAL PLACEHOLDER        nginx upstream log (one Authorization per line)
   khb.py add-wrk RAW CONTENDER WORKLOAD ROUND CHECKJSON  < wrk output
   khb.py add-upload RAW CONTENDER WORKLOAD ROUND LOG OFFSET CURLOUT RSSKIB EXPECTJSON
+  khb.py add-download RAW CONTENDER WORKLOAD ROUND FILE CURLOUT RSSKIB MIB REAL PLACEHOLDER [CPU]
   khb.py add-na RAW CONTENDER WORKLOAD REASON
   khb.py report RAW META OUT.md OUT.png         medians, ratios, table, chart
 """
@@ -161,6 +162,55 @@ def add_upload(raw, contender, workload, rnd, log, offset, curl_out, rss_kib, ex
     if "mib_s" in rec:
         cpu = f"  proxy CPU {rec['proxy_cpu_s']:.2f} s" if rec["proxy_cpu_s"] is not None else ""
         print(f"  {workload:6} {contender:10} round {rnd}: {rec['mib_s']:8.1f} MiB/s  {secs:6.2f} s  peak RSS {rss}{cpu}  check {status}")
+    else:
+        print(f"  {workload:6} {contender:10} round {rnd}: FAILED ({rec['error'][:200]})  check {status}")
+
+
+def count_in_file(path, needle):
+    """Occurrences of needle in the file, read in 1 MiB blocks (occurrences across blocks count)."""
+    n, tail, keep = 0, b"", len(needle) - 1
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(1 << 20)
+                if not block:
+                    break
+                joined = tail + block
+                n += joined.count(needle)
+                tail = joined[-keep:] if keep else b""  # shorter than the needle: counted once
+    except FileNotFoundError:
+        return None
+    return n
+
+
+def add_download(raw, contender, workload, rnd, path, curl_out, rss_kib, mib, real, placeholder, cpu_s="-"):
+    mib = int(mib)
+    rec = {"contender": contender, "workload": workload, "round": int(rnd), "proxy_cpu_s": cpu_value(cpu_s)}
+    parts = curl_out.split()
+    real_n = count_in_file(path, real.encode())
+    masked_n = count_in_file(path, placeholder.encode())
+    why = []
+    if len(parts) < 3 or parts[0] != "200":
+        why.append(f"curl: {curl_out.strip()[:200]!r}")
+    elif int(float(parts[2])) != mib << 20:
+        why.append(f"downloaded {parts[2]} bytes, expected {mib << 20}")
+    if contender == "keyhole" and real_n:
+        why.append(f"the guest received the real value {real_n} times")
+    rec["check"] = {"ok": not why, "why": why, "real_at_guest": real_n, "masked_at_guest": masked_n}
+    if len(parts) >= 3 and parts[0] == "200":
+        secs = float(parts[1])
+        rec["seconds"] = secs
+        rec["mib_s"] = mib / secs if secs > 0 else 0.0
+        if rec["proxy_cpu_s"] is not None:
+            rec["proxy_cpu_s_per_gib"] = rec["proxy_cpu_s"] / (mib / 1024)
+    else:
+        rec["error"] = curl_out.strip()[:300] or "curl failed"
+    rec["rss_kib"] = int(rss_kib) if rss_kib.isdigit() else None
+    append(raw, rec)
+    status = "ok" if not why else "CHECK FAILED: " + "; ".join(why)
+    rss = f"{int(rss_kib)/1024:.0f} MiB" if rss_kib.isdigit() else "-"
+    if "mib_s" in rec:
+        print(f"  {workload:6} {contender:10} round {rnd}: {rec['mib_s']:8.1f} MiB/s  peak RSS {rss}  real values at the guest {real_n}, masked {masked_n}  check {status}")
     else:
         print(f"  {workload:6} {contender:10} round {rnd}: FAILED ({rec['error'][:200]})  check {status}")
 
@@ -393,6 +443,36 @@ def report(raw, meta_path, out_md, out_png):
                      f"{med(s, 'proxy_cpu_s_per_gib', 1, 2)} | {rss} | {check_text(s)} |")
         L.append("")
 
+    # (e) download
+    L.append(f"## (e) {p['upload_mib']} MiB download, the real value reflected in every MiB")
+    L.append("")
+    L.append("`GET` answered with `Content-Length` by an upstream that puts the real value into every MiB of the "
+             "body (an echo, at volume). Keyhole masks it on the way back (response masking: the value becomes "
+             "`$MSB_TOKEN` padded to its length); the other contenders pass it through. Throughput = body size / "
+             "curl's total time; peak RSS as in (c).")
+    L.append("")
+    L.append("| contender | MiB/s | ± | × nginx | × direct | proxy CPU s / GiB | peak RSS (MiB) | real values at the guest | check |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    dl = {c: summarize(records, "dl", c, "mib_s") for c in contenders}
+    dl_n, dl_d = valid(dl.get("nginx", {})), valid(dl.get("direct", {}))
+    for c in contenders:
+        s_ = dl[c]
+        rss = "—"
+        real_at = "—"
+        if "records" in s_:
+            rv = [r["rss_kib"] for r in s_["records"] if r.get("rss_kib") is not None]
+            if rv and c != "direct":
+                rss = f"{max(rv) / 1024:.0f}"
+            ra = [r["check"].get("real_at_guest") for r in s_["records"] if r.get("check")]
+            ra = [x for x in ra if x is not None]
+            if ra:
+                real_at = str(max(ra))
+        ratio_n = fmt_ratio(valid(s_), dl_n) if c != "nginx" else ("1.00×" if dl_n else "—")
+        ratio_d = fmt_ratio(valid(s_), dl_d) if c != "direct" else ("1.00×" if dl_d else "—")
+        L.append(f"| {LABELS[c]} | {cell(s_, 1)} | {spread(s_)} | {ratio_n} | {ratio_d} | "
+                 f"{med(s_, 'proxy_cpu_s_per_gib', 1, 2)} | {rss} | {real_at} | {check_text(s_)} |")
+    L.append("")
+
     notes = meta.get("notes", [])
     if notes:
         L.append("## Notes")
@@ -461,6 +541,8 @@ def main():
         add_wrk(*args)
     elif cmd == "add-upload":
         add_upload(*args)
+    elif cmd == "add-download":
+        add_download(*args)
     elif cmd == "add-na":
         add_na(*args)
     elif cmd == "report":

@@ -7,9 +7,12 @@ are scanned for the real value and the placeholder (occurrences split across rea
 counted), and one JSON line per request goes to --log:
   {"method", "target", "auth", "framing", "body_length", "real", "placeholder"}
 Answers "200 ok". One thread per connection; recv_into a 1 MiB buffer.
+With --download FILE, `GET /download` answers FILE (Content-Length, 1 MiB writes): the
+response of an upstream that reflects the real value (bench/run puts it in every MiB).
 """
 import argparse
 import json
+import os
 import socket
 import ssl
 import sys
@@ -98,6 +101,21 @@ def handle(conn, args, lock):
             for line in lines[1:]:
                 k, _, v = line.partition(":")
                 h[k.strip().lower()] = v.strip()
+            if method == "GET" and target == "/download" and args.download:
+                size = os.path.getsize(args.download)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % size)
+                with open(args.download, "rb") as f:
+                    while True:
+                        block = f.read(1 << 20)
+                        if not block:
+                            break
+                        conn.sendall(block)
+                with lock:
+                    with open(args.log, "a") as f:
+                        f.write(json.dumps({"method": method, "target": target, "auth": h.get("authorization"),
+                                            "framing": "none", "body_length": 0, "real": 0, "placeholder": 0,
+                                            "sent": size}) + "\n")
+                continue
             needles = [Needle(real), Needle(placeholder)]
             dump = open(args.dump, "wb") if args.dump else None
             total = 0
@@ -143,6 +161,7 @@ def main():
     p.add_argument("--real", required=True)
     p.add_argument("--placeholder", required=True)
     p.add_argument("--dump", help="debugging: write the last request body to this file")
+    p.add_argument("--download", help="the body GET /download answers with")
     args = p.parse_args()
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -176,4 +176,36 @@ let benchmarks: @Sendable () -> Void = {
             blackHole(output.forwardedBytes)
         }
     }
+
+    // Response masking (the upstream → guest direction): a 1 MiB Content-Length response
+    // read in 16 KiB pieces, masking on for both secrets' values.
+    func maskedResponse(_ body: [UInt8]) -> ByteBuffer {
+        var buffer = ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n")
+        buffer.writeBytes(body)
+        return buffer
+    }
+    let value = Array("ghp_0123456789abcdefghijklmnopqrstuvwxyzAB".utf8)
+    let reflecting: [UInt8] = {
+        var body = cleanBody
+        for at in stride(from: 1000, to: body.count - value.count, by: 4096) { body.replaceSubrange(at..<(at + value.count), with: value) }
+        return body
+    }()
+    let base64Text: [UInt8] = (0..<(1 << 20)).map { i in Array("QWxhZGRpbjpvcGVuIHNlc2FtZQ+/".utf8)[(i * 7) % 28] }
+    for (name, body) in [("no-value", cleanBody), ("value-every-4KiB", reflecting), ("base64-text", base64Text)] {
+        Benchmark("mask-1MiB-response-\(name)") { benchmark in
+            let input = maskedResponse(body)
+            benchmark.startMeasurement()
+            for _ in benchmark.scaledIterations {
+                let masker = ResponseMasker(secrets: secrets, masking: true)
+                masker.expect(ExpectedResponse())
+                var output = MaskOutput()
+                var rest = input
+                while rest.readableBytes > 0 {
+                    masker.consume(rest.readSlice(length: min(16384, rest.readableBytes))!, into: &output)
+                    output.guest.removeAll(keepingCapacity: true)
+                }
+                blackHole(output.events.count)
+            }
+        }
+    }
 }

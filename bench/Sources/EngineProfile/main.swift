@@ -2,6 +2,7 @@
 //   swift build -c release --product EngineProfile
 //   valgrind --tool=callgrind .build/release/EngineProfile rewrite 100000
 //   .build/release/EngineProfile dense 'BYTES' 256   # a chunked body of BYTES repeated, 256 MiB: prints MB/s
+//   .build/release/EngineProfile mask 'BYTES' 256    # a 256 MiB response of BYTES repeated, masked: prints MB/s
 import Foundation
 import KeyholeEngine
 import KeyholePolicy
@@ -39,6 +40,30 @@ if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "dense" {
     }
     let seconds = Double((ContinuousClock.now - start).components.attoseconds) / 1e18 + Double((ContinuousClock.now - start).components.seconds)
     print("\(String(decoding: pattern, as: UTF8.self)): \(Int(Double(mebibytes) * 1.048576 / seconds)) MB/s")
+    exit(0)
+}
+if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "mask" {
+    // Response masking: a Content-Length response of the pattern repeated, read in 16 KiB
+    // pieces (a TLS record's worth), masking on for the secret's value.
+    let pattern = Array(CommandLine.arguments[2].utf8)
+    let mebibytes = CommandLine.arguments.count > 3 ? Int(CommandLine.arguments[3])! : 256
+    let masker = ResponseMasker(secrets: secrets, masking: true)
+    masker.expect(ExpectedResponse())
+    var output = MaskOutput()
+    masker.consume(ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: \(mebibytes << 20)\r\n\r\n"), into: &output)
+    var piece = ByteBuffer()
+    for i in 0..<16384 { piece.writeInteger(pattern[i % pattern.count]) }
+    var masked = 0
+    let start = ContinuousClock.now
+    for _ in 0..<(mebibytes * 64) {
+        masker.consume(piece, into: &output)
+        masked += output.events.count
+        output.guest.removeAll(keepingCapacity: true)
+        output.events.removeAll(keepingCapacity: true)
+    }
+    let elapsed = ContinuousClock.now - start
+    let seconds = Double(elapsed.components.attoseconds) / 1e18 + Double(elapsed.components.seconds)
+    print("mask \(String(decoding: pattern.prefix(40), as: UTF8.self)): \(Int(Double(mebibytes) * 1.048576 / seconds)) MB/s, \(masked) maskings")
     exit(0)
 }
 let request = ByteBuffer(string: text)
