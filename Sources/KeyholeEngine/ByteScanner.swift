@@ -114,3 +114,49 @@ enum ControlScanner {
 public enum EngineSIMD {
     public static var implementation: String { ControlScanner.implementation }
 }
+
+/// Finds the next byte of an arbitrary set (AVX2 nibble tables, "shufti"; a table walk
+/// elsewhere): the bytes a value can start with in any form, which are too many for
+/// `ByteScanner`.
+struct SetScanner: Sendable {
+    final class Table: @unchecked Sendable {
+        let set: UnsafeMutablePointer<keyhole_byte_set>
+
+        init(_ bytes: [UInt8]) {
+            set = .allocate(capacity: 1)
+            set.initialize(to: keyhole_byte_set())
+            // One bucket (bit) per high nibble among the members, merged past eight: a
+            // superset then, which the C side checks against the exact flags.
+            var buckets: [UInt8: Int] = [:]
+            for byte in bytes where buckets[byte >> 4] == nil { buckets[byte >> 4] = min(buckets.count, 7) }
+            withUnsafeMutableBytes(of: &set.pointee.lo) { lo in
+                withUnsafeMutableBytes(of: &set.pointee.hi) { hi in
+                    withUnsafeMutableBytes(of: &set.pointee.bytes) { flags in
+                        for byte in bytes {
+                            let bit = UInt8(1) << UInt8(buckets[byte >> 4]!)
+                            lo[Int(byte & 15)] |= bit
+                            hi[Int(byte >> 4)] |= bit
+                            flags[Int(byte)] = 1
+                        }
+                    }
+                }
+            }
+        }
+
+        deinit { set.deallocate() }
+    }
+
+    let table: Table
+
+    init(_ bytes: [UInt8]) {
+        table = Table(bytes)
+    }
+
+    @inline(__always)
+    func firstIndex(in bytes: UnsafeRawBufferPointer, from: Int) -> Int? {
+        guard from < bytes.count, let base = bytes.baseAddress else { return nil }
+        let remaining = bytes.count - from
+        let found = keyhole_find_set(base.assumingMemoryBound(to: UInt8.self) + from, remaining, table.set)
+        return found == remaining ? nil : from + found
+    }
+}

@@ -462,6 +462,9 @@ public final class ResponseMasker {
         }
         guard digits > 0 else { return fail(.malformedChunk, "no chunk size", &output) }
         if decoder == nil {
+            // Decide the content before the line first, so events come in stream order
+            // however the input was split.
+            if masking { stream.drain(final: false, site: site, secrets: secrets, into: &output) }
             if masking, let masked = maskExact(line, site: .body, &output) {
                 pass(ByteBuffer(bytes: masked), &output)
             } else {

@@ -21,6 +21,17 @@ struct ValueMatcher: StreamMatcher {
 
     let values: [[UInt8]]
     let patterns: [Base64Pattern]
+    /// The hot path's view of the same (no per-candidate reference counting): values with
+    /// the bytes that can start them, patterns' masks and bits concatenated.
+    let valueFirsts: [UInt8]
+    let valueHasEscape: [Bool]
+    let patternFirst: [ByteSet]
+    let patternMasks: [UInt8]
+    let patternBits: [UInt8]
+    let patternStarts: [Int]
+    let patternSecrets: [Int]
+    /// Any byte a value or a pattern can start with (a quick first test in `match`).
+    let firstBytes: ByteSet
     /// Every byte a match can start with, but for the next two sets.
     let starts: ByteSet
     /// Characters that carry only two bits of a value (base64 after two unknown bytes):
@@ -29,6 +40,8 @@ struct ValueMatcher: StreamMatcher {
     let twoBitStarts: ByteSet
     let anchors: ByteSet
     let scanner: ByteScanner?
+    /// `starts` and `anchors`, found with SIMD.
+    let setScanner: SetScanner
     let lookahead: Int
 
     /// `values[i]` belongs to secret `i`; empty values are never matched.
@@ -57,11 +70,39 @@ struct ValueMatcher: StreamMatcher {
             }
         }
         for byte in startList { starts.insert(byte) }
+        var firstBytes = ByteSet()
+        firstBytes.insert(0x25)
+        firstBytes.insert(0x5C)
+        valueFirsts = values.map { $0.first ?? 0 }
+        valueHasEscape = values.map { $0.contains(0x25) || $0.contains(0x5C) }
+        for value in values where !value.isEmpty { firstBytes.insert(value[0]) }
+        var patternFirst: [ByteSet] = []
+        var masks: [UInt8] = []
+        var bits: [UInt8] = []
+        var patternStarts: [Int] = [0]
+        for pattern in patterns {
+            var set = ByteSet()
+            for char in Self.alphabet where Self.decodeTable[Int(char)] & pattern.masks[0] == pattern.bits[0] {
+                set.insert(char)
+                firstBytes.insert(char)
+            }
+            patternFirst.append(set)
+            masks += pattern.masks
+            bits += pattern.bits
+            patternStarts.append(masks.count)
+        }
+        self.patternFirst = patternFirst
+        self.patternMasks = masks
+        self.patternBits = bits
+        self.patternStarts = patternStarts
+        self.patternSecrets = patterns.map(\.secret)
+        self.firstBytes = firstBytes
         self.patterns = patterns
         self.starts = starts
         self.twoBitStarts = twoBitStarts
         self.anchors = anchors
         self.scanner = startList.count <= 4 && patterns.isEmpty ? ByteScanner(startList) : nil
+        self.setScanner = SetScanner((0...255).map(UInt8.init).filter { starts.contains($0) || anchors.contains($0) })
         // The longest value fully JSON-escaped; base64 is shorter.
         self.lookahead = 6 * longest + 8
     }
@@ -69,41 +110,87 @@ struct ValueMatcher: StreamMatcher {
     var isEmpty: Bool { values.allSatisfy(\.isEmpty) }
 
     func nextPlausibleCandidate(in bytes: UnsafeRawBufferPointer, from: Int, previous: UInt8?) -> Int? {
-        if let scanner { return scanner.firstIndex(in: bytes, from: from) }
         var i = from
+        if let scanner {
+            while let c = scanner.firstIndex(in: bytes, from: i) {
+                if case .none = match(bytes, at: c, previous: nil, final: false) {
+                    i = c + 1
+                    continue
+                }
+                return c
+            }
+            return nil
+        }
+        // Candidates the full match rules out are skipped here, in one loop: a stream of
+        // candidate bytes costs a match attempt each, not a round trip through the scanner.
+        // A character carrying two bits of a value is a candidate before an anchor (found
+        // by the SIMD scan; the character before it is checked), or at the very end.
         let count = bytes.count
-        while i < count {
-            let b = bytes[i]
-            if starts.contains(b) { return i }
-            if twoBitStarts.contains(b), i + 1 == count || anchors.contains(bytes[i + 1]) { return i }
-            i += 1
+        while let c = setScanner.firstIndex(in: bytes, from: i) {
+            let b = bytes[c]
+            if c > from, anchors.contains(b), twoBitStarts.contains(bytes[c - 1]) {
+                if case .none = match(bytes, at: c - 1, previous: nil, final: false) {} else { return c - 1 }
+            }
+            if starts.contains(b) {
+                if case .none = match(bytes, at: c, previous: nil, final: false) {} else { return c }
+            }
+            i = c + 1
+        }
+        if count > from, twoBitStarts.contains(bytes[count - 1]) {
+            // The last byte may begin a match whose anchor has not arrived yet.
+            if case .none = match(bytes, at: count - 1, previous: nil, final: false) {} else { return count - 1 }
         }
         return nil
     }
 
     func match(_ bytes: UnsafeRawBufferPointer, at start: Int, previous: UInt8?, final: Bool) -> PlaceholderMatcher.Result {
+        let x = bytes[start]
+        guard firstBytes.contains(x) else { return .none }
         var needMore = false
         var best: PlaceholderMatcher.Result = .none
         var bestLength = 0
-        for (secret, value) in values.enumerated() where !value.isEmpty {
-            switch Self.matchValue(value, bytes, start, final: final) {
-            case .needMore: needMore = true
-            case .none: break
-            case .match(_, let form, let length):
-                if length > bestLength {
-                    best = .match(secret: secret, form: form, length: length)
-                    bestLength = length
+        if x == 0x25 || x == 0x5C || valueFirsts.contains(x) {
+            for secret in values.indices where !values[secret].isEmpty {
+                guard x == valueFirsts[secret] || x == 0x25 || x == 0x5C else { continue }
+                let result =
+                    valueHasEscape[secret]
+                    ? Self.matchValue(values[secret], bytes, start, final: final)
+                    : Self.matchSinglePath(values[secret], bytes, start, final: final)
+                switch result {
+                case .needMore: needMore = true
+                case .none: break
+                case .match(_, let form, let length):
+                    if length > bestLength {
+                        best = .match(secret: secret, form: form, length: length)
+                        bestLength = length
+                    }
                 }
             }
         }
-        for pattern in patterns {
-            switch Self.matchBase64(pattern, bytes, start, final: final) {
-            case .needMore: needMore = true
-            case .none: break
-            case .match(_, _, let length):
-                if length > bestLength {
-                    best = .match(secret: pattern.secret, form: .base64, length: length)
-                    bestLength = length
+        patternMasks.withUnsafeBufferPointer { masks in
+            patternBits.withUnsafeBufferPointer { bits in
+                for k in patternFirst.indices where patternFirst[k].contains(x) {
+                    let from = patternStarts[k]
+                    let length = patternStarts[k + 1] - from
+                    var j = 1
+                    var fits = true
+                    while j < length {
+                        guard start + j < bytes.count else {
+                            if !final { needMore = true }
+                            fits = false
+                            break
+                        }
+                        let six = Self.decodeTable[Int(bytes[start + j])]
+                        guard six != 0xFF, six & masks[from + j] == bits[from + j] else {
+                            fits = false
+                            break
+                        }
+                        j += 1
+                    }
+                    if fits, length > bestLength {
+                        best = .match(secret: patternSecrets[k], form: .base64, length: length)
+                        bestLength = length
+                    }
                 }
             }
         }
@@ -120,6 +207,8 @@ struct ValueMatcher: StreamMatcher {
         // Fast path: the first byte rules most candidates out.
         let first = b[start]
         if first != value[0], first != 0x25, first != 0x5C { return .none }
+        // A value with no `%` or `\` in it has one reading at each position: walk it.
+        if !value.contains(0x25), !value.contains(0x5C) { return matchSinglePath(value, b, start, final: final) }
         // (position, form rank: 0 raw, 1 percent, 2 JSON)
         var states: [(Int, UInt8)] = [(start, 0)]
         var next: [(Int, UInt8)] = []
@@ -181,6 +270,50 @@ struct ValueMatcher: StreamMatcher {
         let (end, rank) = states.max { $0.0 < $1.0 }!
         let form: PlaceholderForm = rank == 2 ? .jsonEscaped : rank == 1 ? .percentEncoded : .raw
         return .match(secret: 0, form: form, length: end - start)
+    }
+
+    /// `matchValue` for a value without `%` or `\`: a raw byte that equals the wanted one
+    /// is that byte (it cannot start an escape), so there is never more than one reading.
+    static func matchSinglePath(_ value: [UInt8], _ b: UnsafeRawBufferPointer, _ start: Int, final: Bool) -> PlaceholderMatcher.Result {
+        let count = b.count
+        var i = start
+        var rank: UInt8 = 0
+        for want in value {
+            guard i < count else { return final ? .none : .needMore }
+            let x = b[i]
+            if x == want {
+                i += 1
+                continue
+            }
+            if x == 0x25 {  // %XX
+                guard i + 2 < count else { return final ? .none : .needMore }
+                guard let hi = PlaceholderMatcher.hexValue(b[i + 1]), let lo = PlaceholderMatcher.hexValue(b[i + 2]), hi << 4 | lo == want else {
+                    return .none
+                }
+                i += 3
+                rank = max(rank, 1)
+                continue
+            }
+            guard x == 0x5C, i + 1 < count || !final else { return .none }
+            guard i + 1 < count else { return .needMore }
+            let y = b[i + 1]
+            if y == 0x75 {  // \uXXXX
+                guard i + 5 < count else { return final ? .none : .needMore }
+                var code = 0
+                for k in 2...5 {
+                    guard let h = PlaceholderMatcher.hexValue(b[i + k]) else { return .none }
+                    code = code << 4 | Int(h)
+                }
+                guard code == Int(want) else { return .none }
+                i += 6
+            } else {
+                guard let short = shortEscape(y), short == want else { return .none }
+                i += 2
+            }
+            rank = 2
+        }
+        let form: PlaceholderForm = rank == 2 ? .jsonEscaped : rank == 1 ? .percentEncoded : .raw
+        return .match(secret: 0, form: form, length: i - start)
     }
 
     @inline(__always)

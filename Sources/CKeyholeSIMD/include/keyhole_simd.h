@@ -28,6 +28,18 @@ typedef struct {
 /// n when there is none.
 size_t keyhole_find_pair(const uint8_t *p, size_t n, const keyhole_pair_set *set);
 
+/// A byte set for `keyhole_find_set`, as two nibble tables ("shufti"): byte b is in the set
+/// when lo[b & 15] & hi[b >> 4] is not zero; `bytes` is the exact set, as 256 flags.
+typedef struct {
+    uint8_t lo[16];
+    uint8_t hi[16];
+    uint8_t bytes[256];
+} keyhole_byte_set;
+
+/// Index of the first byte of p[0..<n] in the set (a superset when the nibble tables had
+/// to merge buckets: check the hit against `bytes`), or n.
+size_t keyhole_find_set(const uint8_t *p, size_t n, const keyhole_byte_set *set);
+
 /// Index of the first control byte (< 0x20 or 0x7F) of p[0..<n], or n.
 size_t keyhole_find_control(const uint8_t *p, size_t n);
 
