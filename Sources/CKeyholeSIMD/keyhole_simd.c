@@ -161,9 +161,9 @@ static size_t find_any_sse2(const uint8_t *p, size_t n, const uint8_t *needles, 
 }
 
 __attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, size_t n, const keyhole_pair_set *set) {
-    const uint8_t *firsts = set->firsts, *seconds = set->seconds, *thirds = set->thirds;
+    const uint8_t *firsts = set->firsts, *seconds = set->seconds, *thirds = set->thirds, *fourths = set->fourths;
     size_t count = set->count;
-    __m256i f[16], s[16], t[16], d[4];
+    __m256i f[16], s[16], t[16], q[16], qh[16], d[4];
     const __m256i percent = _mm256_set1_epi8('%'), backslash = _mm256_set1_epi8('\\');
     size_t distinct = 0;
     uint8_t seen[4] = {0};
@@ -172,6 +172,8 @@ __attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, s
         f[k] = _mm256_set1_epi8((char)firsts[j]);
         s[k] = _mm256_set1_epi8((char)seconds[j]);
         t[k] = _mm256_set1_epi8((char)thirds[j]);
+        q[k] = _mm256_set1_epi8((char)fourths[j]);
+        qh[k] = _mm256_set1_epi8((char)set->fourth_his[j]);
     }
     /* The distinct first bytes, to skip blocks that hold none of them (up to 4; more:
        every block is checked pair by pair). */
@@ -185,7 +187,7 @@ __attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, s
         }
     }
     size_t i = 0;
-    while (i + 34 <= n) {
+    while (i + 36 <= n) {
         __m256i x = _mm256_loadu_si256((const __m256i *)(p + i));
         if (distinct <= 4) {
             __m256i any = _mm256_cmpeq_epi8(x, d[0]);
@@ -203,10 +205,23 @@ __attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, s
         /* Pairs found: their third bytes (or an escape that may encode one) must follow. */
         __m256i z = _mm256_loadu_si256((const __m256i *)(p + i + 2));
         __m256i escape = _mm256_or_si256(_mm256_cmpeq_epi8(z, percent), _mm256_cmpeq_epi8(z, backslash));
+        /* Offset 3 starts the next character: raw, `\`, or `%` and its high hex digit. */
+        __m256i w = _mm256_loadu_si256((const __m256i *)(p + i + 3));
+        __m256i v = _mm256_loadu_si256((const __m256i *)(p + i + 4));
+        __m256i wpercent = _mm256_cmpeq_epi8(w, percent), wbackslash = _mm256_cmpeq_epi8(w, backslash);
         m = _mm256_setzero_si256();
         for (size_t k = 0; k < count; k++) {
             __m256i pair = pairs[k];
-            if (thirds[k]) pair = _mm256_and_si256(pair, _mm256_or_si256(_mm256_cmpeq_epi8(z, t[k]), escape));
+            if (thirds[k]) {
+                /* The third byte raw (then the fourth is checked too), or an escape. */
+                __m256i third = _mm256_cmpeq_epi8(z, t[k]);
+                if (fourths[k]) {
+                    __m256i ok = _mm256_or_si256(_mm256_cmpeq_epi8(w, q[k]), wbackslash);
+                    ok = _mm256_or_si256(ok, _mm256_and_si256(wpercent, _mm256_cmpeq_epi8(v, qh[k])));
+                    third = _mm256_and_si256(third, ok);
+                }
+                pair = _mm256_and_si256(pair, _mm256_or_si256(third, escape));
+            }
             m = _mm256_or_si256(m, pair);
         }
         uint32_t mask = (uint32_t)_mm256_movemask_epi8(m);

@@ -39,7 +39,7 @@ struct PairScanner: Sendable {
         let placeholders: UnsafeMutablePointer<UInt8>
         let lengths: UnsafeMutablePointer<UInt16>
 
-        init(pairs: [(UInt8, UInt8, UInt8)], placeholders list: [[UInt8]]) {
+        init(pairs: [(UInt8, UInt8, UInt8, UInt8)], placeholders list: [[UInt8]]) {
             set = .allocate(capacity: 1)
             set.initialize(to: keyhole_pair_set())
             let total = list.reduce(0) { $0 + $1.count }
@@ -51,13 +51,20 @@ struct PairScanner: Sendable {
                 offset += placeholder.count
                 lengths[index] = UInt16(placeholder.count)
             }
+            let hex = Array("0123456789ABCDEF".utf8)
             withUnsafeMutableBytes(of: &set.pointee.firsts) { f in
                 withUnsafeMutableBytes(of: &set.pointee.seconds) { s in
                     withUnsafeMutableBytes(of: &set.pointee.thirds) { t in
-                        for (k, pair) in pairs.enumerated() {
-                            f[k] = pair.0
-                            s[k] = pair.1
-                            t[k] = pair.2
+                        withUnsafeMutableBytes(of: &set.pointee.fourths) { q in
+                            withUnsafeMutableBytes(of: &set.pointee.fourth_his) { qh in
+                                for (k, pair) in pairs.enumerated() {
+                                    f[k] = pair.0
+                                    s[k] = pair.1
+                                    t[k] = pair.2
+                                    q[k] = pair.2 == 0 ? 0 : pair.3
+                                    qh[k] = hex[Int(pair.3 >> 4)]
+                                }
+                            }
                         }
                     }
                 }
@@ -77,9 +84,9 @@ struct PairScanner: Sendable {
 
     let table: Table
 
-    /// `pairs`: first, second, and a third byte that must follow (0: any); `placeholders`:
-    /// their raw bytes.
-    init?(_ pairs: [(UInt8, UInt8, UInt8)], placeholders: [[UInt8]]) {
+    /// `pairs`: first, second, a third byte that must follow (0: any), and the character
+    /// that starts right after a raw third byte (0: any); `placeholders`: their raw bytes.
+    init?(_ pairs: [(UInt8, UInt8, UInt8, UInt8)], placeholders: [[UInt8]]) {
         guard !pairs.isEmpty, pairs.count <= 16, placeholders.allSatisfy({ $0.count <= Int(UInt16.max) }) else { return nil }
         table = Table(pairs: pairs, placeholders: placeholders)
     }

@@ -94,27 +94,31 @@ public struct PlaceholderMatcher: Sendable {
         // The pairs a placeholder can start with: its first two characters raw, its first
         // raw and its second escaped, its first percent-encoded (`%` and the high hex digit,
         // either case) or JSON-escaped (`\u`).
-        var pairs: [(UInt8, UInt8, UInt8)] = []
-        func add(_ a: UInt8, _ b: UInt8, _ c: UInt8 = 0) {
+        // With a raw third byte, the character after it is known too (the vector filter
+        // checks it: raw, or the start of its escape).
+        var pairs: [(UInt8, UInt8, UInt8, UInt8)] = []
+        func add(_ a: UInt8, _ b: UInt8, _ c: UInt8 = 0, _ d: UInt8 = 0) {
             if let k = pairs.firstIndex(where: { $0.0 == a && $0.1 == b }) {
                 if pairs[k].2 != c { pairs[k].2 = 0 }  // two different thirds: check none
+                if pairs[k].3 != d { pairs[k].3 = 0 }
             } else {
-                pairs.append((a, b, c))
+                pairs.append((a, b, c, d))
             }
         }
         let hex = Array("0123456789ABCDEF".utf8)
         for entry in entries where entry.bytes.count > 2 {
             let first = entry.bytes[0]
-            add(first, entry.bytes[1], entry.bytes[2])
+            add(first, entry.bytes[1], entry.bytes[2], entry.bytes.count > 3 ? entry.bytes[3] : 0)
             add(first, UInt8(ascii: "%"))
             add(first, UInt8(ascii: "\\"))
             let high = hex[Int(first >> 4)], low = hex[Int(first & 0x0F)]
-            // `%` + the high hex digit (either case) + the low one (a letter: either case, so no check)
+            // `%` + the high hex digit (either case) + the low one (a letter: either case, so no
+            // check); then the placeholder's second character.
             let third = low >= UInt8(ascii: "A") ? 0 : low
-            add(UInt8(ascii: "%"), high, third)
-            if high >= UInt8(ascii: "A") { add(UInt8(ascii: "%"), high | 0x20, third) }
+            add(UInt8(ascii: "%"), high, third, entry.bytes[1])
+            if high >= UInt8(ascii: "A") { add(UInt8(ascii: "%"), high | 0x20, third, entry.bytes[1]) }
         }
-        add(UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"))  // `\u00XX`: placeholders are ASCII
+        add(UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), 0)  // `\u00XX`: placeholders are ASCII
         self.pairScanner = entries.allSatisfy({ $0.bytes.count > 2 }) ? PairScanner(pairs, placeholders: entries.map(\.bytes)) : nil
     }
 

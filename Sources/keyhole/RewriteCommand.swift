@@ -21,7 +21,9 @@ struct RewriteCommand: ParsableCommand {
             then carries what the guest would receive (responses paired with the requests, \
             real values masked), and the upstream bytes go to --upstream-output if given. \
             Masking is on as in the proxy: when a secret is allowed for HOST, or once a \
-            substitution happened.
+            substitution happened; where it is on from the start, requests then ask for \
+            Accept-Encoding: identity, as the proxy's do (without --response they are shown \
+            as the engine alone rewrites them).
 
             Exit status: 0 passed, 3 blocked (violation or broken framing), 2 usage or policy error.
             """
@@ -84,7 +86,8 @@ struct RewriteCommand: ParsableCommand {
         configuration.maxHeldBody = maxHeldBody
         // Masking as in the proxy: a secret allowed for the host, or a substitution.
         let masking = loaded.secrets.contains { $0.allowedHosts.allows(host) }
-        configuration.identityResponses = masking
+        // With a response to read, requests also ask for identity as the proxy's do.
+        configuration.identityResponses = masking && response != nil
         let rewriter = RequestRewriter(identity: connection, secrets: loaded.secrets, configuration: configuration)
         let audit = AuditLine(sandbox: loaded.name, sni: plain ? nil : host, action: loaded.network.onSecretViolation)
         let masker = ResponseMasker(secrets: loaded.secrets, masking: masking)

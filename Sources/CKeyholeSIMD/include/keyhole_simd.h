@@ -16,6 +16,10 @@ typedef struct {
     uint8_t firsts[16];
     uint8_t seconds[16];
     uint8_t thirds[16];
+    /* The character that must start at offset 3 (0: no check), raw, or escaped: `\`, or `%`
+       followed by its high hex digit (fourth_his). */
+    uint8_t fourths[16];
+    uint8_t fourth_his[16];
     size_t count;
     const uint8_t *placeholders;
     const uint16_t *lengths;
