@@ -282,6 +282,29 @@ public struct PlaceholderMatcher: Sendable {
         return .char(b, width: 1, form: .raw)
     }
 
+    /// Whether the escape cut off at `i` (`%X`, `\u`, `\u0`, …) can no longer decode to
+    /// `want`, judged from the digits that have arrived. The filters rule such a candidate
+    /// out from the same bytes, so `match` must too: what is decided before more bytes
+    /// arrive must not depend on how the input was split.
+    @inline(__always)
+    static func partialEscapeRulesOut(_ bytes: UnsafeRawBufferPointer, _ i: Int, want: UInt8) -> Bool {
+        let count = bytes.count
+        guard i < count else { return false }
+        if bytes[i] == 0x25 {
+            guard want != 0x25, i + 1 < count, let high = hexValue(bytes[i + 1]) else { return false }
+            return high != want >> 4
+        }
+        guard bytes[i] == 0x5C, want != 0x5C, i + 1 < count, bytes[i + 1] == 0x75 else { return false }
+        let expected: [UInt8] = [0, 0, want >> 4, want & 0x0F]
+        var k = 2
+        while k <= 5, i + k < count {
+            guard let digit = hexValue(bytes[i + k]) else { return false }  // not an escape: read raw
+            if digit != expected[k - 2] { return true }
+            k += 1
+        }
+        return false
+    }
+
     /// Tries every placeholder at `start`. `previous` is the byte before `start` (nil at the
     /// start of a site). `final` says no more bytes will follow the buffer.
     func match(_ bytes: UnsafeRawBufferPointer, at start: Int, previous: UInt8?, final: Bool) -> Result {
@@ -289,7 +312,13 @@ public struct PlaceholderMatcher: Sendable {
         let firstWidth: Int
         let firstForm: PlaceholderForm
         switch Self.decode(bytes, start, final: final) {
-        case .needMore: return .needMore
+        case .needMore:
+            // An escape cut off: undecided only while some placeholder may still start here.
+            let open = entries.contains { entry in
+                !(entry.checkBefore && previous.map(Self.isTokenByte) == true)
+                    && !Self.partialEscapeRulesOut(bytes, start, want: entry.bytes[0])
+            }
+            return open ? .needMore : .none
         case .end: return .none
         case .char(let c, let width, let form):
             first = c
@@ -308,7 +337,7 @@ public struct PlaceholderMatcher: Sendable {
             while k < entry.bytes.count {
                 switch Self.decode(bytes, position, final: final) {
                 case .needMore:
-                    needMore = true
+                    if !Self.partialEscapeRulesOut(bytes, position, want: entry.bytes[k]) { needMore = true }
                     matched = false
                 case .end:
                     matched = false
