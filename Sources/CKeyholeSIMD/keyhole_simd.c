@@ -87,9 +87,19 @@ static size_t find_control_portable(const uint8_t *p, size_t n) {
     return n;
 }
 
-static size_t find_set_portable(const uint8_t *p, size_t n, const keyhole_byte_set *set) {
+static inline uint8_t pair_classes_first(const keyhole_pair_classes *set, uint8_t b) {
+    return set->lo1[b & 15] & set->hi1[b >> 4];
+}
+
+static size_t find_pair_classes_portable(const uint8_t *p, size_t n, const keyhole_pair_classes *set) {
     for (size_t i = 0; i < n; i++) {
-        if (set->bytes[p[i]]) return i;
+        uint8_t first = pair_classes_first(set, p[i]);
+        if (!first) continue;
+        if (i + 1 == n) {
+            if (set->any_at_end[p[i]]) return i;
+            continue;
+        }
+        if (first & set->lo2[p[i + 1] & 15] & set->hi2[p[i + 1] >> 4]) return i;
     }
     return n;
 }
@@ -97,25 +107,25 @@ static size_t find_set_portable(const uint8_t *p, size_t n, const keyhole_byte_s
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-__attribute__((target("avx2"))) static size_t find_set_avx2(const uint8_t *p, size_t n, const keyhole_byte_set *set) {
-    const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)set->lo));
-    const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)set->hi));
+__attribute__((target("avx2"))) static size_t find_pair_classes_avx2(const uint8_t *p, size_t n, const keyhole_pair_classes *set) {
+    const __m256i lo1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)set->lo1));
+    const __m256i hi1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)set->hi1));
+    const __m256i lo2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)set->lo2));
+    const __m256i hi2 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)set->hi2));
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     const __m256i zero = _mm256_setzero_si256();
     size_t i = 0;
-    for (; i + 32 <= n; i += 32) {
+    for (; i + 33 <= n; i += 32) {
         __m256i x = _mm256_loadu_si256((const __m256i *)(p + i));
-        __m256i a = _mm256_shuffle_epi8(lo, _mm256_and_si256(x, nibble));
-        __m256i b = _mm256_shuffle_epi8(hi, _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble));
+        __m256i y = _mm256_loadu_si256((const __m256i *)(p + i + 1));
+        __m256i a = _mm256_and_si256(_mm256_shuffle_epi8(lo1, _mm256_and_si256(x, nibble)),
+                                     _mm256_shuffle_epi8(hi1, _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble)));
+        __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(lo2, _mm256_and_si256(y, nibble)),
+                                     _mm256_shuffle_epi8(hi2, _mm256_and_si256(_mm256_srli_epi16(y, 4), nibble)));
         uint32_t none = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(a, b), zero));
-        uint32_t hits = ~none;
-        while (hits) {
-            size_t at = i + (size_t)__builtin_ctz(hits);
-            if (set->bytes[p[at]]) return at;
-            hits &= hits - 1;
-        }
+        if (~none) return i + (size_t)__builtin_ctz(~none);
     }
-    return i + find_set_portable(p + i, n - i, set);
+    return i + find_pair_classes_portable(p + i, n - i, set);
 }
 
 __attribute__((target("avx2"))) static size_t find_any_avx2(const uint8_t *p, size_t n, const uint8_t *needles, size_t count) {
@@ -310,8 +320,8 @@ size_t keyhole_find_control(const uint8_t *p, size_t n) {
     return has_avx2() ? find_control_avx2(p, n) : find_control_sse2(p, n);
 }
 
-size_t keyhole_find_set(const uint8_t *p, size_t n, const keyhole_byte_set *set) {
-    return has_avx2() ? find_set_avx2(p, n, set) : find_set_portable(p, n, set);
+size_t keyhole_find_pair_classes(const uint8_t *p, size_t n, const keyhole_pair_classes *set) {
+    return has_avx2() ? find_pair_classes_avx2(p, n, set) : find_pair_classes_portable(p, n, set);
 }
 
 size_t keyhole_find_pair(const uint8_t *p, size_t n, const keyhole_pair_set *set) {
@@ -429,7 +439,9 @@ size_t keyhole_find_any(const uint8_t *p, size_t n, const uint8_t *needles, size
 
 size_t keyhole_find_control(const uint8_t *p, size_t n) { return find_control_portable(p, n); }
 
-size_t keyhole_find_set(const uint8_t *p, size_t n, const keyhole_byte_set *set) { return find_set_portable(p, n, set); }
+size_t keyhole_find_pair_classes(const uint8_t *p, size_t n, const keyhole_pair_classes *set) {
+    return find_pair_classes_portable(p, n, set);
+}
 
 size_t keyhole_find_pair(const uint8_t *p, size_t n, const keyhole_pair_set *set) {
     return find_pair_scalar(p, n, n, set);

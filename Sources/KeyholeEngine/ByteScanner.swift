@@ -122,28 +122,35 @@ public enum EngineSIMD {
     public static var implementation: String { ControlScanner.implementation }
 }
 
-/// Finds the next byte of an arbitrary set (AVX2 nibble tables, "shufti"; a table walk
-/// elsewhere): the bytes a value can start with in any form, which are too many for
-/// `ByteScanner`.
-struct SetScanner: Sendable {
+/// Finds where a real value may start, by its first two bytes in any form it can take
+/// (AVX2 nibble tables on consecutive bytes, "shufti"; a table walk elsewhere). Each bucket
+/// is a set of first bytes and a set of second bytes; up to eight buckets, merged past that
+/// (a superset, which the caller's full match rules out).
+struct PairClassScanner: Sendable {
     final class Table: @unchecked Sendable {
-        let set: UnsafeMutablePointer<keyhole_byte_set>
+        let set: UnsafeMutablePointer<keyhole_pair_classes>
 
-        init(_ bytes: [UInt8]) {
+        init(_ buckets: [(first: [UInt8], second: [UInt8])]) {
             set = .allocate(capacity: 1)
-            set.initialize(to: keyhole_byte_set())
-            // One bucket (bit) per high nibble among the members, merged past eight: a
-            // superset then, which the C side checks against the exact flags.
-            var buckets: [UInt8: Int] = [:]
-            for byte in bytes where buckets[byte >> 4] == nil { buckets[byte >> 4] = min(buckets.count, 7) }
-            withUnsafeMutableBytes(of: &set.pointee.lo) { lo in
-                withUnsafeMutableBytes(of: &set.pointee.hi) { hi in
-                    withUnsafeMutableBytes(of: &set.pointee.bytes) { flags in
-                        for byte in bytes {
-                            let bit = UInt8(1) << UInt8(buckets[byte >> 4]!)
-                            lo[Int(byte & 15)] |= bit
-                            hi[Int(byte >> 4)] |= bit
-                            flags[Int(byte)] = 1
+            set.initialize(to: keyhole_pair_classes())
+            withUnsafeMutableBytes(of: &set.pointee.lo1) { lo1 in
+                withUnsafeMutableBytes(of: &set.pointee.hi1) { hi1 in
+                    withUnsafeMutableBytes(of: &set.pointee.lo2) { lo2 in
+                        withUnsafeMutableBytes(of: &set.pointee.hi2) { hi2 in
+                            withUnsafeMutableBytes(of: &set.pointee.any_at_end) { end in
+                                for (index, bucket) in buckets.enumerated() {
+                                    let bit = UInt8(1) << UInt8(index % 8)
+                                    for byte in bucket.first {
+                                        lo1[Int(byte & 15)] |= bit
+                                        hi1[Int(byte >> 4)] |= bit
+                                        end[Int(byte)] = 1
+                                    }
+                                    for byte in bucket.second {
+                                        lo2[Int(byte & 15)] |= bit
+                                        hi2[Int(byte >> 4)] |= bit
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -155,15 +162,15 @@ struct SetScanner: Sendable {
 
     let table: Table
 
-    init(_ bytes: [UInt8]) {
-        table = Table(bytes)
+    init(_ buckets: [(first: [UInt8], second: [UInt8])]) {
+        table = Table(buckets)
     }
 
     @inline(__always)
     func firstIndex(in bytes: UnsafeRawBufferPointer, from: Int) -> Int? {
         guard from < bytes.count, let base = bytes.baseAddress else { return nil }
         let remaining = bytes.count - from
-        let found = keyhole_find_set(base.assumingMemoryBound(to: UInt8.self) + from, remaining, table.set)
+        let found = keyhole_find_pair_classes(base.assumingMemoryBound(to: UInt8.self) + from, remaining, table.set)
         return found == remaining ? nil : from + found
     }
 }

@@ -113,19 +113,21 @@ public final class ResponseMasker {
 
     let secrets: [CompiledSecret]
     let matcher: ValueMatcher
+    // One connection's state, touched from one event loop: no dynamic exclusivity checks
+    // (a measurable share of a small response's cost).
     /// Whether values are looked for (a value may have gone upstream on this connection).
-    public private(set) var masking: Bool
-    var state = State.head
-    var expected: [ExpectedResponse] = []
-    var expectedFront = 0
-    var headBytes: [UInt8] = []
-    var line: [UInt8] = []
-    var trailerLine: [UInt8] = []
-    var frameHeader: [UInt8] = []
-    var stream: MaskingStream
-    var site = MaskSite.body
+    @exclusivity(unchecked) public private(set) var masking: Bool
+    @exclusivity(unchecked) var state = State.head
+    @exclusivity(unchecked) var expected: [ExpectedResponse] = []
+    @exclusivity(unchecked) var expectedFront = 0
+    @exclusivity(unchecked) var headBytes: [UInt8] = []
+    @exclusivity(unchecked) var line: [UInt8] = []
+    @exclusivity(unchecked) var trailerLine: [UInt8] = []
+    @exclusivity(unchecked) var frameHeader: [UInt8] = []
+    @exclusivity(unchecked) var stream: MaskingStream
+    @exclusivity(unchecked) var site = MaskSite.body
     /// The body's content coding being decoded (gzip or deflate), if any.
-    var decoder: BodyDecoder?
+    @exclusivity(unchecked) var decoder: BodyDecoder?
 
     public init(secrets: [Secret], masking: Bool) {
         self.secrets = secrets.map(CompiledSecret.init)
@@ -515,7 +517,8 @@ public final class ResponseMasker {
     }
 }
 
-/// A parsed response head (what framing needs).
+/// A parsed response head (what framing needs). Parsed on the bytes: names compared by
+/// length and case-folded bytes; only the rare headers (codings, `Upgrade`) become strings.
 struct ResponseHead {
     var status = 0
     var contentLength: Int?
@@ -525,45 +528,89 @@ struct ResponseHead {
     var upgrade: [String] = []
 
     init?(_ bytes: [UInt8]) {
-        var lines = bytes.split(separator: 0x0A, omittingEmptySubsequences: false).map { line in
-            line.last == 0x0D ? line.dropLast() : line
+        let parsed: Bool = bytes.withUnsafeBytes { b in parse(b) }
+        guard parsed else { return nil }
+    }
+
+    private mutating func parse(_ b: UnsafeRawBufferPointer) -> Bool {
+        let count = b.count
+        // Status line: "HTTP/1.x NNN[ reason]"
+        var end = 0
+        while end < count, b[end] != 0x0A { end += 1 }
+        var lineEnd = end > 0 && b[end - 1] == 0x0D ? end - 1 : end
+        guard lineEnd >= 12, b[0] == 0x48, b[1] == 0x54, b[2] == 0x54, b[3] == 0x50, b[4] == 0x2F, b[5] == 0x31, b[6] == 0x2E,
+            b[8] == 0x20, (lineEnd == 12 || b[12] == 0x20)
+        else { return false }
+        var code = 0
+        for k in 9...11 {
+            guard b[k] >= 0x30, b[k] <= 0x39 else { return false }
+            code = code * 10 + Int(b[k] - 0x30)
         }
-        while lines.last?.isEmpty == true { lines.removeLast() }
-        guard let statusLine = lines.first, statusLine.count >= 12 else { return nil }
-        let s = Array(statusLine)
-        guard Array(s[0..<7]) == Array("HTTP/1.".utf8), s[8] == 0x20, s[9...11].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
-            s.count == 12 || s[12] == 0x20
-        else { return nil }
-        status = Int(s[9] - 0x30) * 100 + Int(s[10] - 0x30) * 10 + Int(s[11] - 0x30)
-        var lengths: Set<Int> = []
-        for line in lines.dropFirst() {
-            guard let colon = line.firstIndex(of: 0x3A) else { return nil }
-            let name = String(decoding: line[line.startIndex..<colon], as: UTF8.self).lowercased()
-            guard !name.isEmpty, !name.contains(" "), !name.contains("\t") else { return nil }
-            let value = String(decoding: line[(colon + 1)...], as: UTF8.self).trimmingSpaces()
-            switch name {
-            case "content-length":
-                for part in value.split(separator: ",") {
-                    guard let n = Int(part.trimmingSpaces()), n >= 0 else { return nil }
-                    lengths.insert(n)
+        status = code
+        var length: Int?
+        var conflicting = false
+        var start = end + 1
+        while start < count {
+            end = start
+            while end < count, b[end] != 0x0A { end += 1 }
+            lineEnd = end > start && b[end - 1] == 0x0D ? end - 1 : end
+            defer { start = end + 1 }
+            if lineEnd == start { break }  // the empty line
+            var colon = start
+            while colon < lineEnd, b[colon] != 0x3A { colon += 1 }
+            guard colon < lineEnd, colon > start else { return false }
+            for k in start..<colon where b[k] == 0x20 || b[k] == 0x09 { return false }
+            var valueStart = colon + 1
+            var valueEnd = lineEnd
+            while valueStart < valueEnd, b[valueStart] == 0x20 || b[valueStart] == 0x09 { valueStart += 1 }
+            while valueEnd > valueStart, b[valueEnd - 1] == 0x20 || b[valueEnd - 1] == 0x09 { valueEnd -= 1 }
+            let name = start..<colon
+            func named(_ text: StaticString) -> Bool {
+                guard name.count == text.utf8CodeUnitCount else { return false }
+                return RequestHead.equalsIgnoringCase(b, name, text)
+            }
+            func value() -> String { String(decoding: UnsafeRawBufferPointer(rebasing: b[valueStart..<valueEnd]), as: UTF8.self) }
+            switch name.count {
+            case 14 where named("content-length"):
+                // digits, or a list of equal digits
+                var current = 0
+                var digits = 0
+                var k = valueStart
+                while k <= valueEnd {
+                    if k == valueEnd || b[k] == 0x2C {
+                        guard digits > 0 else { return false }
+                        if let existing = length, existing != current { conflicting = true }
+                        length = current
+                        current = 0
+                        digits = 0
+                        k += 1
+                        while k < valueEnd, b[k] == 0x20 || b[k] == 0x09 { k += 1 }
+                        if k > valueEnd { break }
+                        continue
+                    }
+                    guard b[k] >= 0x30, b[k] <= 0x39, digits < 18 else { return false }
+                    current = current * 10 + Int(b[k] - 0x30)
+                    digits += 1
+                    k += 1
                 }
-            case "transfer-encoding":
+            case 17 where named("transfer-encoding"):
                 transferEncoding = true
-                let codings = value.lowercased().split(separator: ",").map { $0.trimmingSpaces() }
+                let codings = value().lowercased().split(separator: ",").map { $0.trimmingSpaces() }
                 chunked = codings.last == "chunked"
-                if codings.contains(where: { $0 != "chunked" && $0 != "identity" }) {
-                    contentCoding = codings.filter { $0 != "chunked" && $0 != "identity" }.joined(separator: ", ")
-                }
-            case "content-encoding":
-                let codings = value.lowercased().split(separator: ",").map { $0.trimmingSpaces() }.filter { $0 != "identity" && !$0.isEmpty }
+                let other = codings.filter { $0 != "chunked" && $0 != "identity" }
+                if !other.isEmpty { contentCoding = other.joined(separator: ", ") }
+            case 16 where named("content-encoding"):
+                if valueEnd - valueStart == 8, RequestHead.equalsIgnoringCase(b, valueStart..<valueEnd, "identity") { break }
+                let codings = value().lowercased().split(separator: ",").map { $0.trimmingSpaces() }.filter { $0 != "identity" && !$0.isEmpty }
                 if !codings.isEmpty { contentCoding = codings.joined(separator: ", ") }
-            case "upgrade":
-                upgrade += value.split(separator: ",").map { UpgradeDecision.token($0) }
+            case 7 where named("upgrade"):
+                upgrade += value().split(separator: ",").map { UpgradeDecision.token($0) }
             default:
                 break
             }
         }
-        if lengths.count > 1 { contentLength = -1 } else { contentLength = lengths.first }
+        contentLength = conflicting ? -1 : length
+        return true
     }
 }
 

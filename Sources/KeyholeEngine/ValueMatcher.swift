@@ -32,44 +32,24 @@ struct ValueMatcher: StreamMatcher {
     let patternSecrets: [Int]
     /// Any byte a value or a pattern can start with (a quick first test in `match`).
     let firstBytes: ByteSet
-    /// Every byte a match can start with, but for the next two sets.
-    let starts: ByteSet
-    /// Characters that carry only two bits of a value (base64 after two unknown bytes):
-    /// a candidate only before an `anchor` (the next character, fully the value's) or at
-    /// the end of what has arrived, so plain text does not stop at every fourth letter.
-    let twoBitStarts: ByteSet
-    let anchors: ByteSet
-    let scanner: ByteScanner?
-    /// `starts` and `anchors`, found with SIMD.
-    let setScanner: SetScanner
+    /// Candidates by their first two bytes (SIMD).
+    let pairClasses: PairClassScanner
     let lookahead: Int
 
     /// `values[i]` belongs to secret `i`; empty values are never matched.
     init(values: [[UInt8]]) {
         self.values = values
         var patterns: [Base64Pattern] = []
-        var starts = ByteSet()
-        var twoBitStarts = ByteSet()
-        var anchors = ByteSet()
-        var startList: [UInt8] = [UInt8(ascii: "%"), UInt8(ascii: "\\")]
         var longest = 1
         for (secret, value) in values.enumerated() where !value.isEmpty {
             longest = max(longest, value.count)
-            if !startList.contains(value[0]) { startList.append(value[0]) }
             guard value.count >= 4 else { continue }
-            for alignment in 0..<3 {
-                let pattern = Self.base64Pattern(value, alignment: alignment, secret: secret)
-                func chars(_ j: Int) -> [UInt8] { Self.alphabet.filter { Self.decodeTable[Int($0)] & pattern.masks[j] == pattern.bits[j] } }
-                if pattern.masks[0].nonzeroBitCount >= 4 {
-                    for char in chars(0) where !startList.contains(char) { startList.append(char) }
-                } else {
-                    for char in chars(0) { twoBitStarts.insert(char) }
-                    for char in chars(1) { anchors.insert(char) }
-                }
-                patterns.append(pattern)
-            }
+            for alignment in 0..<3 { patterns.append(Self.base64Pattern(value, alignment: alignment, secret: secret)) }
         }
-        for byte in startList { starts.insert(byte) }
+        func chars(_ pattern: Base64Pattern, _ j: Int) -> [UInt8] {
+            guard j < pattern.masks.count else { return (0...255).map(UInt8.init) }
+            return Self.alphabet.filter { Self.decodeTable[Int($0)] & pattern.masks[j] == pattern.bits[j] }
+        }
         var firstBytes = ByteSet()
         firstBytes.insert(0x25)
         firstBytes.insert(0x5C)
@@ -82,7 +62,7 @@ struct ValueMatcher: StreamMatcher {
         var patternStarts: [Int] = [0]
         for pattern in patterns {
             var set = ByteSet()
-            for char in Self.alphabet where Self.decodeTable[Int(char)] & pattern.masks[0] == pattern.bits[0] {
+            for char in chars(pattern, 0) {
                 set.insert(char)
                 firstBytes.insert(char)
             }
@@ -98,11 +78,22 @@ struct ValueMatcher: StreamMatcher {
         self.patternSecrets = patterns.map(\.secret)
         self.firstBytes = firstBytes
         self.patterns = patterns
-        self.starts = starts
-        self.twoBitStarts = twoBitStarts
-        self.anchors = anchors
-        self.scanner = startList.count <= 4 && patterns.isEmpty ? ByteScanner(startList) : nil
-        self.setScanner = SetScanner((0...255).map(UInt8.init).filter { starts.contains($0) || anchors.contains($0) })
+        // Two-byte buckets: each value raw (then its second byte, or an escape), as `%XX`
+        // (`%` then the high digit, either case), as a `\` escape (`\u`, or the short
+        // escape of its first character); each base64 pattern's first two characters (for
+        // a character that carries only two bits of the value, the next one is fully the
+        // value's, so plain text does not stop at every fourth letter).
+        let hex = Array("0123456789ABCDEFabcdef".utf8)
+        var buckets: [(first: [UInt8], second: [UInt8])] = []
+        for value in values where !value.isEmpty {
+            let v0 = value[0]
+            buckets.append(([v0], value.count > 1 ? [value[1], 0x25, 0x5C] : (0...255).map(UInt8.init)))
+            let high = Int(v0 >> 4)
+            buckets.append(([0x25], high < 10 ? [hex[high]] : [hex[high], hex[high + 6]]))
+            buckets.append(([0x5C], [0x75] + Array("/\"\\bfnrt".utf8).filter { Self.shortEscape($0) == v0 }))
+        }
+        for pattern in patterns { buckets.append((chars(pattern, 0), chars(pattern, 1))) }
+        self.pairClasses = PairClassScanner(buckets)
         // The longest value fully JSON-escaped; base64 is shorter.
         self.lookahead = 6 * longest + 8
     }
@@ -111,34 +102,14 @@ struct ValueMatcher: StreamMatcher {
 
     func nextPlausibleCandidate(in bytes: UnsafeRawBufferPointer, from: Int, previous: UInt8?) -> Int? {
         var i = from
-        if let scanner {
-            while let c = scanner.firstIndex(in: bytes, from: i) {
-                if case .none = match(bytes, at: c, previous: nil, final: false) {
-                    i = c + 1
-                    continue
-                }
-                return c
-            }
-            return nil
-        }
         // Candidates the full match rules out are skipped here, in one loop: a stream of
         // candidate bytes costs a match attempt each, not a round trip through the scanner.
-        // A character carrying two bits of a value is a candidate before an anchor (found
-        // by the SIMD scan; the character before it is checked), or at the very end.
-        let count = bytes.count
-        while let c = setScanner.firstIndex(in: bytes, from: i) {
-            let b = bytes[c]
-            if c > from, anchors.contains(b), twoBitStarts.contains(bytes[c - 1]) {
-                if case .none = match(bytes, at: c - 1, previous: nil, final: false) {} else { return c - 1 }
+        while let c = pairClasses.firstIndex(in: bytes, from: i) {
+            if case .none = match(bytes, at: c, previous: nil, final: false) {
+                i = c + 1
+                continue
             }
-            if starts.contains(b) {
-                if case .none = match(bytes, at: c, previous: nil, final: false) {} else { return c }
-            }
-            i = c + 1
-        }
-        if count > from, twoBitStarts.contains(bytes[count - 1]) {
-            // The last byte may begin a match whose anchor has not arrived yet.
-            if case .none = match(bytes, at: count - 1, previous: nil, final: false) {} else { return count - 1 }
+            return c
         }
         return nil
     }

@@ -9,7 +9,7 @@
   khb.py auth-check LOG REAL PLACEHOLDER        nginx upstream log (one Authorization per line)
   khb.py add-wrk RAW CONTENDER WORKLOAD ROUND CHECKJSON  < wrk output
   khb.py add-upload RAW CONTENDER WORKLOAD ROUND LOG OFFSET CURLOUT RSSKIB EXPECTJSON
-  khb.py add-download RAW CONTENDER WORKLOAD ROUND FILE CURLOUT RSSKIB MIB REAL PLACEHOLDER [CPU]
+  khb.py add-download RAW CONTENDER WORKLOAD ROUND FILE CURLOUT RSSKIB BYTES REAL PLACEHOLDER [CPU]
   khb.py add-na RAW CONTENDER WORKLOAD REASON
   khb.py report RAW META OUT.md OUT.png         medians, ratios, table, chart
 """
@@ -183,8 +183,9 @@ def count_in_file(path, needle):
     return n
 
 
-def add_download(raw, contender, workload, rnd, path, curl_out, rss_kib, mib, real, placeholder, cpu_s="-"):
-    mib = int(mib)
+def add_download(raw, contender, workload, rnd, path, curl_out, rss_kib, size, real, placeholder, cpu_s="-"):
+    size = int(size)
+    mib = size / (1 << 20)
     rec = {"contender": contender, "workload": workload, "round": int(rnd), "proxy_cpu_s": cpu_value(cpu_s)}
     parts = curl_out.split()
     real_n = count_in_file(path, real.encode())
@@ -192,8 +193,8 @@ def add_download(raw, contender, workload, rnd, path, curl_out, rss_kib, mib, re
     why = []
     if len(parts) < 3 or parts[0] != "200":
         why.append(f"curl: {curl_out.strip()[:200]!r}")
-    elif int(float(parts[2])) != mib << 20:
-        why.append(f"downloaded {parts[2]} bytes, expected {mib << 20}")
+    elif int(float(parts[2])) != size:
+        why.append(f"downloaded {parts[2]} bytes, expected {size}")
     if contender == "keyhole" and real_n:
         why.append(f"the guest received the real value {real_n} times")
     rec["check"] = {"ok": not why, "why": why, "real_at_guest": real_n, "masked_at_guest": masked_n}

@@ -32,17 +32,21 @@ typedef struct {
 /// n when there is none.
 size_t keyhole_find_pair(const uint8_t *p, size_t n, const keyhole_pair_set *set);
 
-/// A byte set for `keyhole_find_set`, as two nibble tables ("shufti"): byte b is in the set
-/// when lo[b & 15] & hi[b >> 4] is not zero; `bytes` is the exact set, as 256 flags.
+/// Two-byte candidates for `keyhole_find_pair_classes` ("shufti" on consecutive bytes): bucket
+/// bits for the first byte (lo1/hi1) and for the byte after it (lo2/hi2); a candidate is an
+/// i where some bucket has p[i] in its first set and p[i+1] in its second. A superset of
+/// what the caller looks for: the caller checks each candidate.
 typedef struct {
-    uint8_t lo[16];
-    uint8_t hi[16];
-    uint8_t bytes[256];
-} keyhole_byte_set;
+    uint8_t lo1[16];
+    uint8_t hi1[16];
+    uint8_t lo2[16];
+    uint8_t hi2[16];
+    /// Buckets whose first byte at the very end of the input counts (undecided).
+    uint8_t any_at_end[256];
+} keyhole_pair_classes;
 
-/// Index of the first byte of p[0..<n] in the set (a superset when the nibble tables had
-/// to merge buckets: check the hit against `bytes`), or n.
-size_t keyhole_find_set(const uint8_t *p, size_t n, const keyhole_byte_set *set);
+/// Index of the first candidate in p[0..<n] (see keyhole_pair_classes), or n.
+size_t keyhole_find_pair_classes(const uint8_t *p, size_t n, const keyhole_pair_classes *set);
 
 /// Index of the first control byte (< 0x20 or 0x7F) of p[0..<n], or n.
 size_t keyhole_find_control(const uint8_t *p, size_t n);

@@ -66,6 +66,26 @@ if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "mask" {
     print("mask \(String(decoding: pattern.prefix(40), as: UTF8.self)): \(Int(Double(mebibytes) * 1.048576 / seconds)) MB/s, \(masked) maskings")
     exit(0)
 }
+if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "responses" {
+    // Keep-alive: small responses, each paired with its request, masking on.
+    let iterations = CommandLine.arguments.count > 2 ? Int(CommandLine.arguments[2])! : 1_000_000
+    let masking = CommandLine.arguments.count > 3 ? CommandLine.arguments[3] != "off" : true
+    let masker = ResponseMasker(secrets: secrets, masking: masking)
+    let response = ByteBuffer(string: "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 04:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n")
+    var output = MaskOutput()
+    var total = 0
+    let start = ContinuousClock.now
+    for _ in 0..<iterations {
+        masker.expect(ExpectedResponse())
+        masker.consume(response, into: &output)
+        total &+= output.guest.count
+        output.guest.removeAll(keepingCapacity: true)
+    }
+    let elapsed = ContinuousClock.now - start
+    let seconds = Double(elapsed.components.attoseconds) / 1e18 + Double(elapsed.components.seconds)
+    print("responses: \(Int(seconds * 1e9 / Double(iterations))) ns each (masking \(masking)), \(total)")
+    exit(0)
+}
 let request = ByteBuffer(string: text)
 let iterations = CommandLine.arguments.count > 2 ? Int(CommandLine.arguments[2])! : 100_000
 let rewriter = RequestRewriter(identity: .verifiedTLS(sni: "api.github.com"), secrets: secrets)
