@@ -205,7 +205,7 @@ struct ValueMatcher: StreamMatcher {
                         if let hi = PlaceholderMatcher.hexValue(b[i + 1]), let lo = PlaceholderMatcher.hexValue(b[i + 2]), hi << 4 | lo == want {
                             add(i + 3, max(form, 1))
                         }
-                    } else if !final {
+                    } else if !final, i + 1 == count || PlaceholderMatcher.hexValue(b[i + 1]) == want >> 4 {
                         needMore = true
                     }
                 } else if x == 0x5C {  // \uXXXX, \/ and friends
@@ -257,7 +257,13 @@ struct ValueMatcher: StreamMatcher {
                 continue
             }
             if x == 0x25 {  // %XX
-                guard i + 2 < count else { return final ? .none : .needMore }
+                guard i + 2 < count else {
+                    // Cut off: still open only while the digit that arrived fits (as the
+                    // two-byte filter judges it).
+                    if final { return .none }
+                    if i + 1 < count, PlaceholderMatcher.hexValue(b[i + 1]) != want >> 4 { return .none }
+                    return .needMore
+                }
                 guard let hi = PlaceholderMatcher.hexValue(b[i + 1]), let lo = PlaceholderMatcher.hexValue(b[i + 2]), hi << 4 | lo == want else {
                     return .none
                 }
