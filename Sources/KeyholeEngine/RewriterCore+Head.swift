@@ -202,14 +202,16 @@ extension RewriterCore {
         var replaced = false
         for field in head.fields where field.kind == .acceptEncoding {
             guard !edits.contains(where: { $0.range.overlaps(field.line) }) else { continue }
-            edits.append((field.line, replaced ? ByteBuffer() : ByteBuffer(string: "Accept-Encoding: identity\r\n")))
+            edits.append((field.line, replaced ? ByteBuffer() : Self.identityLine))
             replaced = true
         }
         if !replaced {
             let end = head.length - 2  // before the empty line
-            edits.append((end..<end, ByteBuffer(string: "Accept-Encoding: identity\r\n")))
+            edits.append((end..<end, Self.identityLine))
         }
     }
+
+    static let identityLine = ByteBuffer(string: "Accept-Encoding: identity\r\n")
 
     /// Per secret, why it may not be substituted in this request (nil: it may). Returns
     /// whether the host rules hold (see `hostRulesHold`).

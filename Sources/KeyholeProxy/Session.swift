@@ -269,12 +269,7 @@ final class Session {
             maskOutput.scannedBytes = 0
         }
         if !maskOutput.guest.isEmpty {
-            var total = 0
-            for piece in maskOutput.guest {
-                total += piece.readableBytes
-                guest.write(piece, promise: nil)
-            }
-            guest.flush()
+            let total = Self.writeCoalesced(maskOutput.guest, to: guest)
             shared.metrics.bytesDownstream.increment(by: Int64(total))
             maskOutput.guest.removeAll(keepingCapacity: true)
         }
@@ -311,6 +306,46 @@ final class Session {
         }
     }
 
+    /// Pieces smaller than a TLS record are joined before they are written: NIOSSL makes a
+    /// record of every write, and an edited head (slices around a replacement value) would
+    /// otherwise cost a record per slice on both ends. Large pieces (streamed bodies) go on
+    /// as they are. Returns the bytes written; flushes.
+    static let coalesceLimit = 16 * 1024
+
+    static func writeCoalesced(_ pieces: [ByteBuffer], to channel: any Channel) -> Int {
+        var total = 0
+        guard pieces.count > 1 else {
+            for piece in pieces {
+                total += piece.readableBytes
+                channel.write(piece, promise: nil)
+            }
+            channel.flush()
+            return total
+        }
+        let capacity = min(coalesceLimit, pieces.reduce(0) { $0 + $1.readableBytes })
+        var pending: ByteBuffer?
+        for piece in pieces {
+            total += piece.readableBytes
+            if piece.readableBytes >= coalesceLimit {
+                if let joined = pending {
+                    channel.write(joined, promise: nil)
+                    pending = nil
+                }
+                channel.write(piece, promise: nil)
+                continue
+            }
+            if let joined = pending, joined.readableBytes + piece.readableBytes > coalesceLimit {
+                channel.write(joined, promise: nil)
+                pending = nil
+            }
+            if pending == nil { pending = channel.allocator.buffer(capacity: capacity) }
+            pending!.writeImmutableBuffer(piece)
+        }
+        if let joined = pending { channel.write(joined, promise: nil) }
+        channel.flush()
+        return total
+    }
+
     /// The guest is read while the upstream can take more and no upgrade is being decided
     /// (what the guest sends after an upgrade request is held, so it is not read: a flood
     /// toward a silent server stays within a read or two).
@@ -332,12 +367,7 @@ final class Session {
             requestsCounted = output.requests
         }
         if !output.upstream.isEmpty {
-            var total = 0
-            for piece in output.upstream {
-                total += piece.readableBytes
-                upstream.write(piece, promise: nil)
-            }
-            upstream.flush()
+            let total = Self.writeCoalesced(output.upstream, to: upstream)
             shared.metrics.bytesUpstream.increment(by: Int64(total))
             output.upstream.removeAll(keepingCapacity: true)
         }
