@@ -72,7 +72,7 @@ static size_t find_pair_scalar(const uint8_t *p, size_t limit, size_t n, const k
             /* A third byte rules the pair out only when it is known, not 0 (no check), not an
                escape that may encode it, and different. */
             uint8_t third = set->thirds[k];
-            if (third && i + 2 < n && p[i + 2] != third && p[i + 2] != '%' && p[i + 2] != '\\') continue;
+            if (third && i + 2 < n && p[i + 2] != third && (set->third_strict[k] || (p[i + 2] != '%' && p[i + 2] != '\\'))) continue;
             if (!plausible(p + i, n - i, set)) break;  /* no placeholder starts here */
             return i;
         }
@@ -230,7 +230,7 @@ __attribute__((target("avx2"))) static size_t find_pair_avx2(const uint8_t *p, s
                     ok = _mm256_or_si256(ok, _mm256_and_si256(wpercent, _mm256_cmpeq_epi8(v, qh[k])));
                     third = _mm256_and_si256(third, ok);
                 }
-                pair = _mm256_and_si256(pair, _mm256_or_si256(third, escape));
+                pair = _mm256_and_si256(pair, set->third_strict[k] ? third : _mm256_or_si256(third, escape));
             }
             m = _mm256_or_si256(m, pair);
         }

@@ -57,12 +57,16 @@ struct PairScanner: Sendable {
                     withUnsafeMutableBytes(of: &set.pointee.thirds) { t in
                         withUnsafeMutableBytes(of: &set.pointee.fourths) { q in
                             withUnsafeMutableBytes(of: &set.pointee.fourth_his) { qh in
-                                for (k, pair) in pairs.enumerated() {
-                                    f[k] = pair.0
-                                    s[k] = pair.1
-                                    t[k] = pair.2
-                                    q[k] = pair.2 == 0 ? 0 : pair.3
-                                    qh[k] = hex[Int(pair.3 >> 4)]
+                                withUnsafeMutableBytes(of: &set.pointee.third_strict) { strict in
+                                    for (k, pair) in pairs.enumerated() {
+                                        f[k] = pair.0
+                                        s[k] = pair.1
+                                        t[k] = pair.2
+                                        q[k] = pair.2 == 0 ? 0 : pair.3
+                                        qh[k] = hex[Int(pair.3 >> 4)]
+                                        // `%` + digit + digit, `\u` + `0`: the third byte is a digit.
+                                        strict[k] = (pair.0 == 0x25 || (pair.0 == 0x5C && pair.1 == 0x75)) ? 1 : 0
+                                    }
                                 }
                             }
                         }

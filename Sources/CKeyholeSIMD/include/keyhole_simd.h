@@ -20,6 +20,9 @@ typedef struct {
        followed by its high hex digit (fourth_his). */
     uint8_t fourths[16];
     uint8_t fourth_his[16];
+    /* Non-zero when the third byte is a hex digit of an escape (`%2` + `4`, `\u` + `0`), which
+       cannot itself be escaped. */
+    uint8_t third_strict[16];
     size_t count;
     const uint8_t *placeholders;
     const uint16_t *lengths;
