@@ -146,6 +146,15 @@ public final class ResponseMasker {
         expected.append(request)
     }
 
+    /// Requests sent upstream whose responses have not (all) come back.
+    public var outstandingResponses: Int { expected.count - expectedFront }
+
+    /// Between responses: nothing of one has arrived and nothing is held.
+    public var betweenResponses: Bool {
+        guard case .head = state else { return false }
+        return headBytes.isEmpty && stream.scanned == stream.emitted
+    }
+
     /// The request the next final response answers (a GET when the upstream answers more
     /// than was asked).
     var front: ExpectedResponse { expectedFront < expected.count ? expected[expectedFront] : ExpectedResponse() }

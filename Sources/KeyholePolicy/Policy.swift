@@ -94,8 +94,18 @@ public enum ViolationAction: String, Sendable, Hashable, CaseIterable {
     case blockAndTerminate = "block-and-terminate"
 }
 
+/// What the guest gets when Keyhole blocks a request.
+public enum BlockResponse: String, Sendable, Hashable, CaseIterable {
+    /// The connection is reset (the reference pages' default).
+    case reset
+    /// Where Keyhole can still answer the request (intercepted TLS, plain HTTP), a `403`
+    /// with a JSON body saying why, then the connection is closed; a reset otherwise.
+    case http
+}
+
 public struct NetworkPolicy: Sendable {
     public var onSecretViolation: ViolationAction
+    public var blockResponse: BlockResponse = .reset
     /// Extra PEM trust roots (resolved paths) for verifying upstream servers.
     public var upstreamCA: [String]
     /// Hosts whose TLS is relayed opaque (certificate-pinned clients).

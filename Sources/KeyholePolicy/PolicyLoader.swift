@@ -76,7 +76,7 @@ enum Schema {
         "allow_any_host_dangerous", "require_tls_identity", "inject",
     ]
     static let inject = ["headers", "basic_auth", "query", "body"]
-    static let network = ["on_secret_violation", "upstream_ca", "tls_bypass", "egress", "gateway", "dns"]
+    static let network = ["on_secret_violation", "block_response", "upstream_ca", "tls_bypass", "egress", "gateway", "dns"]
     static let egress = ["default", "allow", "deny"]
     static let guest = ["image", "kernel", "initrd", "disk", "cmdline", "memory_mib", "vcpus", "accel", "env", "command"]
 }
@@ -601,6 +601,9 @@ final class PolicyReader {
         var network = NetworkPolicy()
         if let n = f["on_secret_violation"], let action = oneOf(n, "on_secret_violation", ViolationAction.self) {
             network.onSecretViolation = action
+        }
+        if let n = f["block_response"], let response = oneOf(n, "block_response", BlockResponse.self) {
+            network.blockResponse = response
         }
         if let n = f["upstream_ca"] {
             for (path, pathNode) in stringList(n, "upstream_ca") {

@@ -28,12 +28,15 @@ public struct AuditRecord: Sendable {
     public var method: String?
     public var path: String?
     public var detail: String?
+    /// What the guest got for a block: `reset` or `http-403`.
+    public var response: String?
 
     public init(
         level: Level, event: String, sandbox: String, connection: UInt64, secret: String? = nil, site: String? = nil,
         form: String? = nil, reason: String? = nil, action: String? = nil, sni: String? = nil, host: String? = nil,
-        destination: String? = nil, method: String? = nil, path: String? = nil, detail: String? = nil
+        destination: String? = nil, method: String? = nil, path: String? = nil, detail: String? = nil, response: String? = nil
     ) {
+        self.response = response
         self.level = level
         self.event = event
         self.sandbox = sandbox
@@ -72,7 +75,7 @@ public struct AuditRecord: Sendable {
         Self.appendField("event", event, to: &out)
         let optional: [(String, String?)] = [
             ("secret", secret), ("site", site), ("form", form), ("reason", reason), ("action", action), ("sni", sni), ("host", host),
-            ("destination", destination), ("method", method), ("path", path), ("detail", detail),
+            ("destination", destination), ("method", method), ("path", path), ("detail", detail), ("response", response),
         ]
         for (key, value) in optional {
             if let value { Self.appendField(key, value, to: &out) }

@@ -35,6 +35,9 @@ final class Session {
     /// decides upgrades) and masking.
     var masker: ResponseMasker?
     var maskOutput = MaskOutput()
+    /// With `block_response: http`: the answer to the blocked request, sent instead of a
+    /// reset once the engine stops.
+    var blockAnswer: ByteBuffer?
 
     init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy) {
         self.id = id
@@ -403,25 +406,32 @@ final class Session {
             case .blockAndLog: shared.metrics.violationsLog.increment()
             case .blockAndTerminate: shared.metrics.violationsTerminate.increment()
             }
+            let answered = prepareBlockAnswer(
+                secret: violation.secret, host: violation.request?.host, reason: violation.reason.rawValue, site: violation.site,
+                action: action.rawValue)
             if action != .block {
                 shared.audit.write(
                     AuditRecord(
                         level: action == .blockAndLog ? .warn : .error, event: "violation", sandbox: policy.name, connection: id,
                         secret: violation.secret, site: violation.site.rawValue, form: violation.form.rawValue,
                         reason: violation.reason.rawValue, action: action.rawValue, sni: serverName, host: violation.request?.host,
-                        destination: destinationText, method: violation.request?.method, path: violation.request?.path))
+                        destination: destinationText, method: violation.request?.method, path: violation.request?.path,
+                        response: answered ? "http-403" : "reset"))
             }
             if action == .blockAndTerminate {
                 shared.onTerminate("secret \(violation.secret) was sent to \(violation.request?.host ?? serverName ?? destinationText) (\(violation.reason.rawValue))")
             }
         case .hostMismatch(let request):
             shared.metrics.hostMismatches.increment()
+            let reason = rewriter?.identity.isTLS == true ? "host-not-sni" : "authority-not-host"
+            let answered = prepareBlockAnswer(secret: nil, host: request?.host, reason: reason, site: nil, action: "block")
             shared.audit.write(
                 AuditRecord(
                     level: .warn, event: "host-mismatch", sandbox: policy.name, connection: id,
-                    reason: rewriter?.identity.isTLS == true ? "host-not-sni" : "authority-not-host", action: "reset",
+                    reason: reason, action: "reset",
                     sni: serverName, host: request?.host, destination: destinationText, method: request?.method, path: request?.path,
-                    detail: "the Host header (or the target's authority) names another host than the TLS server name: domain fronting is refused"))
+                    detail: "the Host header (or the target's authority) names another host than the TLS server name: domain fronting is refused",
+                    response: answered ? "http-403" : "reset"))
         case .framingError(let error, let request):
             shared.metrics.framingErrors.increment()
             shared.audit.write(
@@ -432,13 +442,53 @@ final class Session {
         }
     }
 
-    /// A violation or broken framing: reset the guest, drop the upstream.
+    /// A violation or broken framing: reset the guest (or, with `block_response: http`,
+    /// answer the blocked request and close), drop the upstream.
     func abort() {
         guard !finished else { return }
         finished = true
         headDeadline?.cancel()
         upstream?.close(promise: nil)
+        if let answer = blockAnswer {
+            blockAnswer = nil
+            guest.writeAndFlush(answer).assumeIsolated().whenComplete { [guest] _ in guest.close(promise: nil) }
+            return
+        }
         guest.reset()
+    }
+
+    /// With `block_response: http`, prepares the `403` for a blocked request when the guest
+    /// can read it as the answer to that request: HTTP that Keyhole parses (intercepted TLS
+    /// or plain), not a relayed or WebSocket stream, and no earlier response still on its
+    /// way (it would arrive out of order). Returns whether it will be sent.
+    private func prepareBlockAnswer(secret: String?, host: String?, reason: String, site: Site?, action: String) -> Bool {
+        guard policy.network.blockResponse == .http, let masker, masker.betweenResponses else { return false }
+        let streamed: Set<Site> = [.upgraded, .opaque, .websocket]
+        if let site, streamed.contains(site) { return false }
+        // A request blocked in its body was already announced upstream: it may be the one
+        // outstanding response (which will never come: the upstream is closed).
+        let announced = site == .body || site == .trailer ? 1 : 0
+        guard masker.outstandingResponses <= announced else { return false }
+        var fields: [(String, String)] = [("error", "blocked_by_keyhole")]
+        if let secret { fields.append(("secret", secret)) }
+        fields.append(("host", host ?? serverName ?? destinationText))
+        fields.append(("reason", reason))
+        if let site { fields.append(("site", site.rawValue)) }
+        fields.append(("action", action))
+        fields.append((
+            "hint",
+            secret == nil
+                ? "the request named another host than the one the connection goes to (domain fronting is refused)"
+                : "Keyhole substitutes a secret's placeholder only for the hosts its policy allows, in the sites it allows; this request was not sent. See the Keyhole README, 'Substitution semantics'."
+        ))
+        let body = "{" + fields.map { "\(AuditRecord.quote($0.0)):\(AuditRecord.quote($0.1))" }.joined(separator: ",") + "}\n"
+        var answer = ByteBuffer()
+        answer.writeString(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n"
+                + "Connection: close\r\nX-Keyhole-Blocked: \(reason)\r\n\r\n")
+        answer.writeString(body)
+        blockAnswer = answer
+        return true
     }
 
     func guestClosed() {
