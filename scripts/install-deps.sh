@@ -8,6 +8,7 @@ packages=(
   zlib1g-dev                                                # build: compress-nio (gzip/deflate responses)
   iptables nftables iproute2 kmod                           # appliance: rules, namespaces, TAP
   dnsmasq-base curl openssl python3 procps psmisc iputils-ping # tests: resolver, clients, servers
+  python3-requests python3-httpx nodejs                     # tests: runtimes with their own CA bundles
   qemu-system-x86 cpio zstd xz-utils genisoimage            # launcher: guests, initramfs, cloud-init seed
 )
 

@@ -25,22 +25,43 @@ final class GuestSideHandler: ChannelInboundHandler {
         context.fireChannelWritabilityChanged()
     }
 
+    /// Whether the guest's TLS handshake (with Keyhole's forged certificate) completed; on
+    /// plain connections there is none.
+    private var handshakeDone = false
+
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is IdleStateHandler.IdleStateEvent {
             session.abort()
             return
         }
+        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls { handshakeDone = true }
         context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        let text = "\(error)"
+        let duringHandshake = session.serverName != nil && !handshakeDone && session.rewriter?.identity.isTLS == true
+        // The guest's TLS client refused the forged certificate. An explicit alert names it
+        // (unknown CA, bad certificate); more often the TLS 1.3 client's alert arrives as a
+        // record BoringSSL cannot read (BAD_PACKET_LENGTH), or the client just hangs up
+        // mid-handshake. Say what it most likely is, and how to fix it.
+        let alert = ["UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE"].contains(where: text.contains)
+        var aborted = text.contains("BAD_PACKET_LENGTH")
+        if let ssl = error as? NIOSSLError, case .uncleanShutdown = ssl { aborted = true }
+        if alert || (duringHandshake && aborted) {
+            session.record(
+                .warn, "guest-does-not-trust-ca", reason: alert ? "tls-alert" : "handshake-aborted",
+                detail: (alert ? "the guest's TLS client rejected Keyhole's certificate" : "the guest's TLS client gave up during the handshake, after Keyhole's certificate (most often: it does not trust the sandbox CA)")
+                    + " (\(text)): install the sandbox CA in the guest; `keyhole ca install-script` prints a script that does it for the system store and for runtimes with their own bundles (Python requests/httpx, Node, gRPC, Java)")
+            session.abort()
+            return
+        }
         // A peer that closes without close_notify is common and harmless: just close.
         if let ssl = error as? NIOSSLError, case .uncleanShutdown = ssl {
             session.guestClosed()
             return
         }
-        // Typically the guest refused the forged certificate (it does not trust the CA).
-        session.record(.warn, "guest-error", detail: "\(error)")
+        session.record(.warn, "guest-error", detail: text)
         session.abort()
     }
 }

@@ -158,7 +158,7 @@ struct ProxyCommand: AsyncParsableCommand {
                 throw ExitCode(1)
             }
         }
-        Output.err("keyhole proxy: guests must trust \(ca.certificatePath)")
+        Output.err("keyhole proxy: guests must trust \(ca.certificatePath); `keyhole ca install-script --state-dir \(state.resolved)` prints a script that installs it in a guest")
         var printed: Set<String> = []
         for policy in loaded {
             for secret in policy.secrets where printed.insert("\(secret.env)=\(secret.placeholder)").inserted {
