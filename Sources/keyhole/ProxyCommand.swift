@@ -169,13 +169,17 @@ struct ProxyCommand: AsyncParsableCommand {
         let signals = SignalWatcher(signals: [SIGINT, SIGTERM, SIGHUP]) { signal in
             events.continuation.yield(signal == SIGHUP ? .reload : .stop)
         }
+        // Rules installed, DNS queue bound, listeners up: tell the service manager.
+        SystemdNotify.send("READY=1\nSTATUS=" + served.status)
         var exitCode: Int32 = 0
         loop: for await event in events.stream {
             switch event {
             case .stop:
                 break loop
             case .reload:
+                SystemdNotify.send("RELOADING=1\nMONOTONIC_USEC=\(SystemdNotify.monotonicMicroseconds)")
                 served.reload(policies)
+                SystemdNotify.send("READY=1\nSTATUS=" + served.status)
             case .terminate(let reason, let interface):
                 exitCode = 4
                 guard case .interfaces(let guards, _) = served, guards.count > 1, let interface,
@@ -190,6 +194,7 @@ struct ProxyCommand: AsyncParsableCommand {
             }
         }
         signals.cancel()
+        SystemdNotify.send("STOPPING=1")
         await served.stop()
         await metricsServer?.stop()
         if exitCode != 0 { throw ExitCode(exitCode) }
@@ -255,6 +260,14 @@ struct ProxyCommand: AsyncParsableCommand {
 enum Served {
     case listener(ProxyServer)
     case interfaces([GuardedInterface], forwarding: [String: String])
+
+    /// One line for the service manager's status.
+    var status: String {
+        switch self {
+        case .listener: return "listening"
+        case .interfaces(let guards, _): return "guarding " + guards.map(\.interface).joined(separator: ", ")
+        }
+    }
 
     /// SIGHUP: each policy file is reloaded; an invalid one is refused and keeps running.
     func reload(_ paths: [String]) {

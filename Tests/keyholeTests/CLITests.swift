@@ -44,6 +44,15 @@ enum CLI {
         }
     }
 
+    /// Runs a shell command line (`sh -c`), collecting status and output.
+    static func shell(_ command: String) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", command]
+        process.standardInput = FileHandle.nullDevice
+        return try collect(process)
+    }
+
     /// Runs `process` (its stdin already set), calls `afterStart`, and collects its exit
     /// status and both output streams.
     static func collect(_ process: Process, afterStart: () throws -> Void = {}) throws -> Result {

@@ -292,7 +292,7 @@ final class ProxyHarness: @unchecked Sendable {
 
     /// Writes the policy (with `{{DIR}}` replaced) and starts `keyhole proxy`: with --listen
     /// in redirect mode, with --interface in the appliance namespace in appliance mode.
-    func startProxy(policy: String, pins: [String] = ["api.example.test=203.0.113.10"], extra: [String] = []) throws {
+    func startProxy(policy: String, pins: [String] = ["api.example.test=203.0.113.10"], extra: [String] = [], environment: [String: String] = [:]) throws {
         let path = directory + "/policy.yaml"
         try writePolicy(policy)
         metricsPort = 19000 + Int.random(in: 0..<900)
@@ -307,7 +307,7 @@ final class ProxyHarness: @unchecked Sendable {
             arguments += ["--interface", guestInterface]
         }
         try? FileManager.default.removeItem(atPath: proxyStderr)
-        let process = try spawn("/usr/sbin/ip", arguments + extra, stdout: proxyStdout, stderr: proxyStderr)
+        let process = try spawn("/usr/sbin/ip", arguments + extra, stdout: proxyStdout, stderr: proxyStderr, environment: environment)
         proxy = process
         processes.append(process)
         try waitFor(file: proxyStderr, containing: mode == .appliance ? "guarding" : "listening on")
@@ -401,12 +401,13 @@ final class ProxyHarness: @unchecked Sendable {
         return try CLI.collect(process)
     }
 
-    func spawn(_ executable: String, _ arguments: [String], stdout: String, stderr: String? = nil) throws -> Process {
+    func spawn(_ executable: String, _ arguments: [String], stdout: String, stderr: String? = nil, environment: [String: String] = [:]) throws -> Process {
         _ = FileManager.default.createFile(atPath: stdout, contents: nil)
         if let stderr { _ = FileManager.default.createFile(atPath: stderr, contents: nil) }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         process.standardOutput = FileHandle(forWritingAtPath: stdout)
         process.standardError = stderr.flatMap { FileHandle(forWritingAtPath: $0) } ?? FileHandle.nullDevice
         process.standardInput = FileHandle.nullDevice
