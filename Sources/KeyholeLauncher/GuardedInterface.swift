@@ -51,6 +51,11 @@ public final class GuardedInterface: Sendable {
         self.appliance = appliance
     }
 
+    /// The health checks of `/healthz`: rules in place, DNS answer queue bound, listener up.
+    public func health() -> [(check: String, ok: Bool)] {
+        [("\(interface) rules", appliance.isInstalled()), ("\(interface) dns-queue", queue.isRunning), ("\(interface) listener", server.isListening)]
+    }
+
     /// Starts the proxy, then the queue, then installs the rules: the guest's first SYN
     /// finds a listener, and its first DNS answer a reader. Everything started is undone
     /// when a later step fails. `onTerminate` fires for block-and-terminate.

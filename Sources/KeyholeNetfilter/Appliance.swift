@@ -70,6 +70,16 @@ public final class Appliance: Sendable {
         if let record { try? FileManager.default.removeItem(atPath: record) }
     }
 
+    /// Whether the rules are in place right now: the nft table, and the DNS queue chain in
+    /// each family's mangle table (for health checks: someone may flush them under us).
+    public func isInstalled() -> Bool {
+        guard (try? HostCommand.run("/usr/sbin/nft", ["list", "table", "inet", rules.tableName])) != nil else { return false }
+        for binary in ["/usr/sbin/iptables-nft", "/usr/sbin/ip6tables-nft"] {
+            guard (try? HostCommand.run(binary, ["-w", "-t", "mangle", "-S", rules.queueChain])) != nil else { return false }
+        }
+        return true
+    }
+
     /// Swaps the table for a drop-everything one and removes the queue chain; `remove()`
     /// takes the quarantine away too.
     public func quarantine() {

@@ -102,6 +102,9 @@ public final class PacketQueue: @unchecked Sendable {
         return nfq_set_verdict(queueHandle, id, UInt32(accept ? NF_ACCEPT : NF_DROP), 0, nil)
     }
 
+    /// Bound to its queue and reading (for health checks).
+    public var isRunning: Bool { thread != nil && !stopping.load(ordering: .relaxed) }
+
     public func stop() {
         guard thread != nil, !stopping.exchange(true, ordering: .relaxed) else { return }
         finished.wait()

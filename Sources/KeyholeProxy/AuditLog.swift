@@ -159,49 +159,71 @@ public struct AuditRecord: Sendable {
     }
 }
 
-/// Appends audit records as JSON lines to a file (created 0600) or to stderr.
+/// Appends audit records as JSON lines to a file (created 0600), to stderr, or to syslog.
 ///
 /// Records written on a SwiftNIO event loop are batched until the loop has handled its
 /// current round of I/O (one `write(2)` for many requests instead of one each); a warning
 /// or error record is written at once, after whatever was batched before it. Records from
-/// any other thread are written at once. `flush()` writes what is pending.
+/// any other thread are written at once. `flush()` writes what is pending. `reopen()` (on
+/// SIGUSR1) reopens the file, for logrotate.
 public final class AuditLog: Sendable {
-    private let fd: Int32
-    private let ownsDescriptor: Bool
-    private struct Pending {
+    private enum Sink {
+        case stderr
+        case file(path: String)
+        /// RFC 3164 datagrams to the local syslog socket (`/dev/log`, where journald listens
+        /// too), one record each, facility daemon, severity from the record's level.
+        case syslog(socket: String)
+    }
+
+    private let sink: Sink
+    private struct State {
+        var fd: Int32
         var bytes: [UInt8] = []
         var flushScheduled = false
     }
-    private let pending = Mutex(Pending())
+    private let state: Mutex<State>
     /// A batch larger than this is written without waiting for the end of the round.
     static let batchLimit = 64 << 10
 
     /// Writes to standard error.
     public init() {
-        fd = 2
-        ownsDescriptor = false
+        sink = .stderr
+        state = Mutex(State(fd: 2))
     }
 
+    /// `path`: a file, or `syslog` for the local syslog socket.
     public init(path: String) throws(ProxyError) {
+        if path == "syslog" {
+            let socketPath = ProcessInfo.processInfo.environment["KEYHOLE_SYSLOG_SOCKET"] ?? "/dev/log"
+            sink = .syslog(socket: socketPath)
+            state = Mutex(State(fd: -1))
+            return
+        }
         let opened = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard opened >= 0 else { throw .auditLog(path: path, reason: String(cString: strerror(errno))) }
-        fd = opened
-        ownsDescriptor = true
+        sink = .file(path: path)
+        state = Mutex(State(fd: opened))
     }
 
     deinit {
         flush()
-        if ownsDescriptor { close(fd) }
+        state.withLock { if $0.fd > 2 { close($0.fd) } }
     }
 
     public func write(_ record: AuditRecord) {
         var line: [UInt8] = []
         record.appendJSONLine(to: &line, time: Date())
+        if case .syslog(let socket) = sink {
+            line.removeLast()  // the newline
+            let severity = record.level == .error ? 3 : record.level == .warn ? 4 : 6
+            state.withLock { Self.sendSyslog(line, severity: severity, socket: socket, fd: &$0.fd) }
+            return
+        }
         let loop = record.level == .info ? MultiThreadedEventLoopGroup.currentEventLoop : nil
-        let schedule: Bool = pending.withLock { state in
+        let schedule: Bool = state.withLock { state in
             state.bytes += line
             guard loop != nil, state.bytes.count < Self.batchLimit else {
-                writeOut(&state.bytes)
+                Self.writeOut(&state)
                 return false
             }
             defer { state.flushScheduled = true }
@@ -214,16 +236,66 @@ public final class AuditLog: Sendable {
 
     /// Writes every pending record.
     public func flush() {
-        pending.withLock { state in
+        state.withLock { state in
             state.flushScheduled = false
-            writeOut(&state.bytes)
+            Self.writeOut(&state)
         }
     }
 
-    private func writeOut(_ bytes: inout [UInt8]) {
-        guard !bytes.isEmpty else { return }
-        bytes.withUnsafeBytes { _ = FileBytes.writeAll(fd, $0) }
-        bytes.removeAll(keepingCapacity: true)
+    /// Writes what is pending, then reopens the file (logrotate moved it away): later
+    /// records go to a new file at the same path. Does nothing for stderr and syslog.
+    public func reopen() throws(ProxyError) {
+        guard case .file(let path) = sink else { return }
+        let opened = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        guard opened >= 0 else { throw .auditLog(path: path, reason: String(cString: strerror(errno))) }
+        state.withLock { state in
+            Self.writeOut(&state)
+            close(state.fd)
+            state.fd = opened
+        }
+    }
+
+    private static func writeOut(_ state: inout State) {
+        guard !state.bytes.isEmpty else { return }
+        state.bytes.withUnsafeBytes { _ = FileBytes.writeAll(state.fd, $0) }
+        state.bytes.removeAll(keepingCapacity: true)
+    }
+
+    /// `<PRI>keyhole[PID]: MESSAGE` on a connected datagram socket, reconnected when the
+    /// syslog daemon restarted.
+    private static func sendSyslog(_ message: [UInt8], severity: Int, socket path: String, fd: inout Int32) {
+        let datagram = Array("<\(3 * 8 + severity)>keyhole[\(getpid())]: ".utf8) + message
+        for _ in 0..<2 {
+            if fd < 0 { fd = connectDatagram(path) }
+            guard fd >= 0 else { return }
+            let sent = datagram.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+            if sent >= 0 { return }
+            close(fd)
+            fd = -1
+        }
+    }
+
+    private static func connectDatagram(_ path: String) -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return -1 }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+            close(fd)
+            return -1
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, byte) in bytes.enumerated() { raw[i] = byte }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else {
+            close(fd)
+            return -1
+        }
+        return fd
     }
 }
 

@@ -2,24 +2,30 @@ public import NIOCore
 import NIOHTTP1
 import NIOPosix
 
-/// Serves `GET /metrics` in Prometheus text format.
+/// Serves `GET /metrics` in Prometheus text format, and `GET /healthz`: 200 when every
+/// health check passes, 503 otherwise, one `check: ok|FAILED` line each.
 public final class MetricsServer: Sendable {
+    public typealias HealthChecks = @Sendable () -> [(check: String, ok: Bool)]
+
     let metrics: ProxyMetrics
+    let health: HealthChecks
     let group: MultiThreadedEventLoopGroup
 
-    public init(metrics: ProxyMetrics) {
+    public init(metrics: ProxyMetrics, health: @escaping HealthChecks = { [] }) {
         self.metrics = metrics
+        self.health = health
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     }
 
     public func start(at address: SocketAddress) async throws -> SocketAddress {
         let metrics = self.metrics
+        let health = self.health
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try channel.pipeline.syncOperations.addHandler(MetricsHandler(metrics: metrics))
+                    try channel.pipeline.syncOperations.addHandler(MetricsHandler(metrics: metrics, health: health))
                 }
             }
         do {
@@ -39,10 +45,12 @@ final class MetricsHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
     let metrics: ProxyMetrics
+    let health: MetricsServer.HealthChecks
     var path = ""
 
-    init(metrics: ProxyMetrics) {
+    init(metrics: ProxyMetrics, health: @escaping MetricsServer.HealthChecks) {
         self.metrics = metrics
+        self.health = health
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -52,12 +60,26 @@ final class MetricsHandler: ChannelInboundHandler {
         case .body:
             break
         case .end:
-            let found = path == "/metrics" || path.hasPrefix("/metrics?")
-            let body = found ? metrics.render() : "not found; metrics are at /metrics\n"
+            let route = path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path
+            let status: HTTPResponseStatus
+            let body: String
+            let type: String
+            switch route {
+            case "/metrics":
+                (status, body, type) = (.ok, metrics.render(), "text/plain; version=0.0.4")
+            case "/healthz":
+                let checks = health()
+                let failed = checks.contains { !$0.ok }
+                status = failed ? .serviceUnavailable : .ok
+                body = checks.map { "\($0.check): \($0.ok ? "ok" : "FAILED")\n" }.joined() + (failed ? "unhealthy\n" : "ok\n")
+                type = "text/plain"
+            default:
+                (status, body, type) = (.notFound, "not found; metrics are at /metrics, health at /healthz\n", "text/plain")
+            }
             var headers = HTTPHeaders()
-            headers.add(name: "Content-Type", value: found ? "text/plain; version=0.0.4" : "text/plain")
+            headers.add(name: "Content-Type", value: type)
             headers.add(name: "Content-Length", value: String(body.utf8.count))
-            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: found ? .ok : .notFound, headers: headers))), promise: nil)
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
             context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         }

@@ -166,6 +166,9 @@ public final class ProxyServer: Sendable {
         return address
     }
 
+    /// Whether every listener is bound and open (for health checks).
+    public var isListening: Bool { channels.withLock { !$0.isEmpty && $0.allSatisfy(\.isActive) } }
+
     /// New connections use `policy`; existing ones keep the policy they started with.
     public func reload(policy: Policy) { shared.replacePolicy(policy) }
 

@@ -22,7 +22,8 @@ struct ProxyCommand: AsyncParsableCommand {
             your rules can exempt them.
 
             SIGINT/SIGTERM stop it; SIGHUP reloads the policy for new connections (an invalid \
-            policy is refused and the running one stays). Exit status: 0 stopped, 1 could not \
+            policy is refused and the running one stays); SIGUSR1 reopens the audit log file \
+            (for logrotate). Under systemd it reports READY=1 once guarding. Exit status: 0 stopped, 1 could not \
             start, 2 usage or policy error, 4 a guest was terminated (block-and-terminate).
             """
     )
@@ -50,10 +51,10 @@ struct ProxyCommand: AsyncParsableCommand {
 
     @OptionGroup var state: StateOptions
 
-    @Option(help: ArgumentHelp("Append audit events (JSON lines) to this file (default: stderr).", valueName: "file"))
+    @Option(help: ArgumentHelp("Append audit events (JSON lines) to this file (reopened on SIGUSR1), or `syslog` for the local syslog socket (/dev/log, journald too); default: stderr.", valueName: "file"))
     var auditLog: String?
 
-    @Option(help: ArgumentHelp("Serve Prometheus metrics at http://ADDR/metrics.", valueName: "host:port"))
+    @Option(help: ArgumentHelp("Serve Prometheus metrics at http://ADDR/metrics and health at /healthz (200, or 503 when rules, DNS queue or listener are not in place).", valueName: "host:port"))
     var metrics: String?
 
     @Option(
@@ -147,7 +148,7 @@ struct ProxyCommand: AsyncParsableCommand {
         }
         var metricsServer: MetricsServer?
         if let metricsAddress {
-            let serverForMetrics = MetricsServer(metrics: proxyMetrics)
+            let serverForMetrics = MetricsServer(metrics: proxyMetrics, health: served.health)
             do {
                 let at = try await serverForMetrics.start(at: metricsAddress)
                 Output.err("keyhole proxy: metrics at http://\(at.ipAddress ?? "?"):\(at.port ?? 0)/metrics")
@@ -166,8 +167,8 @@ struct ProxyCommand: AsyncParsableCommand {
             }
         }
 
-        let signals = SignalWatcher(signals: [SIGINT, SIGTERM, SIGHUP]) { signal in
-            events.continuation.yield(signal == SIGHUP ? .reload : .stop)
+        let signals = SignalWatcher(signals: [SIGINT, SIGTERM, SIGHUP, SIGUSR1]) { signal in
+            events.continuation.yield(signal == SIGHUP ? .reload : signal == SIGUSR1 ? .reopenLog : .stop)
         }
         // Rules installed, DNS queue bound, listeners up: tell the service manager.
         SystemdNotify.send("READY=1\nSTATUS=" + served.status)
@@ -176,6 +177,12 @@ struct ProxyCommand: AsyncParsableCommand {
             switch event {
             case .stop:
                 break loop
+            case .reopenLog:
+                do {
+                    try audit.reopen()
+                } catch {
+                    Output.err("keyhole proxy: \(error); records go on to the old file")
+                }
             case .reload:
                 SystemdNotify.send("RELOADING=1\nMONOTONIC_USEC=\(SystemdNotify.monotonicMicroseconds)")
                 served.reload(policies)
@@ -261,6 +268,14 @@ enum Served {
     case listener(ProxyServer)
     case interfaces([GuardedInterface], forwarding: [String: String])
 
+    /// The checks `/healthz` reports.
+    var health: MetricsServer.HealthChecks {
+        switch self {
+        case .listener(let server): return { [("listener", server.isListening)] }
+        case .interfaces(let guards, _): return { guards.flatMap { $0.health() } }
+        }
+    }
+
     /// One line for the service manager's status.
     var status: String {
         switch self {
@@ -301,6 +316,7 @@ enum Served {
 enum ProxyEvent: Sendable {
     case stop
     case reload
+    case reopenLog
     case terminate(String, interface: String?)
 }
 

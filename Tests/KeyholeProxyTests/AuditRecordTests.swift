@@ -27,3 +27,41 @@ struct AuditRecordTests {
         #expect(AuditRecord.timestamp(Date(timeIntervalSince1970: 1_000_000_000.999)) == "2001-09-09T01:46:40.999Z")
     }
 }
+
+/// `--audit-log syslog`: one RFC 3164 datagram per record to the syslog socket.
+@Suite("Audit log to syslog")
+struct AuditSyslogTests {
+    @Test func recordsGoToTheSyslogSocketWithTheirSeverity() throws {
+        let path = NSTemporaryDirectory() + "keyhole-syslog-\(getpid()).sock"
+        unlink(path)
+        defer { unlink(path) }
+        // The stand-in syslog daemon: a bound datagram socket.
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, b) in path.utf8.enumerated() { raw[i] = b } }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        #expect(bound == 0)
+        setenv("KEYHOLE_SYSLOG_SOCKET", path, 1)
+        defer { unsetenv("KEYHOLE_SYSLOG_SOCKET") }
+        let log = try AuditLog(path: "syslog")
+        log.write(AuditRecord(level: .warn, event: "violation", sandbox: "s", connection: 7, secret: "TOKEN", reason: "host-not-allowed"))
+        log.write(AuditRecord(level: .info, event: "substituted", sandbox: "s", connection: 8, secret: "TOKEN"))
+        var received: [String] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        for _ in 0..<2 {
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n > 0 { received.append(String(decoding: buffer[0..<n], as: UTF8.self)) }
+        }
+        #expect(received.count == 2)
+        // daemon facility (3): warning <28>, info <30>; the tag, then the JSON record.
+        #expect(received.first?.hasPrefix("<28>keyhole[\(getpid())]: {\"time\":") == true, "\(received)")
+        #expect(received.first?.contains("\"event\":\"violation\"") == true)
+        #expect(received.last?.hasPrefix("<30>keyhole[") == true)
+        #expect(received.allSatisfy { !$0.hasSuffix("\n") })
+    }
+}

@@ -62,6 +62,60 @@ struct ServiceEndToEndTests {
         #expect(lines.allSatisfy { $0.contains("MAINPID=") })
     }
 
+    @Test func healthzFlipsTo503WhenTheRulesAreRemovedUnderKeyholesFeet() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        try harness.startProxy(policy: Self.policy)
+        func healthz() throws -> (code: String, body: String) {
+            let out = try harness.appliance("curl -sS --max-time 5 -w '\\n%{http_code}' http://127.0.0.1:\(harness.metricsPort)/healthz").stdout
+            let lines = out.split(separator: "\n", omittingEmptySubsequences: false)
+            return (String(lines.last ?? ""), lines.dropLast().joined(separator: "\n"))
+        }
+        let healthy = try healthz()
+        #expect(healthy.code == "200", "\(healthy)")
+        #expect(healthy.body.contains("\(harness.guestInterface) rules: ok") && healthy.body.contains("dns-queue: ok") && healthy.body.contains("listener: ok"))
+        // Someone flushes Keyhole's table.
+        let table = "keyhole_" + harness.guestInterface.replacingOccurrences(of: "-", with: "_")
+        let removed = try harness.appliance("nft delete table inet \(table) || nft list tables")
+        #expect(removed.status == 0, "\(removed.stdout) \(removed.stderr)")
+        let broken = try healthz()
+        #expect(broken.code == "503", "\(broken)")
+        #expect(broken.body.contains("\(harness.guestInterface) rules: FAILED"), "\(broken)")
+    }
+
+    @Test func sigusr1ReopensTheAuditLogAndSyslogIsASink() throws {
+        let harness = try ProxyHarness()
+        defer { harness.close() }
+        _ = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        let policy = """
+            version: 1
+            name: logs
+            secrets:
+              - env: TOKEN
+                value: "e2e-real-token-0001"
+                allow_hosts: [api.example.test]
+            network:
+              on_secret_violation: block-and-log
+              upstream_ca: [{{DIR}}/upca.pem]
+            """
+        try harness.startProxy(policy: policy)
+        _ = try harness.curl("https://api.example.test/one", "-H 'Authorization: Bearer $MSB_TOKEN'")
+        try harness.waitFor(file: harness.auditLog, containing: "/one")
+        // logrotate: move the file away, then SIGUSR1.
+        try FileManager.default.moveItem(atPath: harness.auditLog, toPath: harness.auditLog + ".1")
+        let pid = try #require(try harness.proxyPID())
+        kill(pid, SIGUSR1)
+        Thread.sleep(forTimeInterval: 0.5)
+        _ = try harness.curl("https://api.example.test/two", "-H 'Authorization: Bearer $MSB_TOKEN'")
+        try harness.waitFor(file: harness.auditLog, containing: "/two")
+        let rotated = (try? String(contentsOfFile: harness.auditLog + ".1", encoding: .utf8)) ?? ""
+        #expect(rotated.contains("/one") && !rotated.contains("/two"))
+        #expect(!harness.audit.contains("/one"))
+        let attributes = try FileManager.default.attributesOfItem(atPath: harness.auditLog)
+        #expect((attributes[.posixPermissions] as? Int) == 0o600)
+
+    }
+
     @Test func theUnitFileVerifies() throws {
         guard FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze") else { return }
         let directory = NSTemporaryDirectory() + "keyhole-unit-\(getpid())"
