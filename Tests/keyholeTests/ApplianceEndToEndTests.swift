@@ -22,7 +22,7 @@ struct ApplianceEndToEndTests {
         """
 
     func curl(_ harness: ProxyHarness, _ url: String, _ options: String = "") throws -> CLI.Result {
-        try harness.guest("curl -sS --max-time 8 --cacert \(harness.stateDirectory)/ca.pem \(options) '\(url)'")
+        try harness.guestCurl(url, options)
     }
 
     @Test func resolvedNamesGetTheirSecretAndEverythingElseIsGuarded() throws {

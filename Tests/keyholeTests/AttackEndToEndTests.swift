@@ -43,7 +43,7 @@ struct AttackEndToEndTests {
     // MARK: - Helpers
 
     func curl(_ harness: ProxyHarness, _ url: String, _ options: String = "") throws -> CLI.Result {
-        try harness.guest("curl -sS --max-time 8 --cacert \(harness.stateDirectory)/ca.pem \(options) '\(url)'")
+        try harness.guestCurl(url, options)
     }
 
     /// A raw HTTP/1.1 request with exactly these header lines.

@@ -335,6 +335,12 @@ final class ProxyHarness: @unchecked Sendable {
             "curl -sS --max-time 10 --cacert \(stateDirectory)/ca.pem --resolve \(host):\(port):\(ip) \(options) '\(url)'")
     }
 
+    /// curl in the guest resolving names itself (appliance and launcher modes: through the
+    /// guest's resolver, which Keyhole observes), trusting only the sandbox CA.
+    func guestCurl(_ url: String, _ options: String = "") throws -> CLI.Result {
+        try guest("curl -sS --max-time 8 --cacert \(stateDirectory)/ca.pem \(options) '\(url)'")
+    }
+
     func records(_ log: String) -> [[String: Any]] {
         let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
         return text.split(separator: "\n").compactMap {
