@@ -7,25 +7,31 @@ import NIOPosix
 public final class MetricsServer: Sendable {
     public typealias HealthChecks = @Sendable () -> [(check: String, ok: Bool)]
 
-    let metrics: ProxyMetrics
+    let render: @Sendable () -> String
     let health: HealthChecks
     let group: MultiThreadedEventLoopGroup
 
     public init(metrics: ProxyMetrics, health: @escaping HealthChecks = { [] }) {
-        self.metrics = metrics
+        self.render = { metrics.render() }
+        self.health = health
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    }
+
+    public init(registry: MetricsRegistry, health: @escaping HealthChecks = { [] }) {
+        self.render = { registry.render() }
         self.health = health
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     }
 
     public func start(at address: SocketAddress) async throws -> SocketAddress {
-        let metrics = self.metrics
+        let render = self.render
         let health = self.health
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try channel.pipeline.syncOperations.addHandler(MetricsHandler(metrics: metrics, health: health))
+                    try channel.pipeline.syncOperations.addHandler(MetricsHandler(render: render, health: health))
                 }
             }
         do {
@@ -44,12 +50,12 @@ public final class MetricsServer: Sendable {
 final class MetricsHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
-    let metrics: ProxyMetrics
+    let render: @Sendable () -> String
     let health: MetricsServer.HealthChecks
     var path = ""
 
-    init(metrics: ProxyMetrics, health: @escaping MetricsServer.HealthChecks) {
-        self.metrics = metrics
+    init(render: @escaping @Sendable () -> String, health: @escaping MetricsServer.HealthChecks) {
+        self.render = render
         self.health = health
     }
 
@@ -66,7 +72,7 @@ final class MetricsHandler: ChannelInboundHandler {
             let type: String
             switch route {
             case "/metrics":
-                (status, body, type) = (.ok, metrics.render(), "text/plain; version=0.0.4")
+                (status, body, type) = (.ok, render(), "text/plain; version=0.0.4")
             case "/healthz":
                 let checks = health()
                 let failed = checks.contains { !$0.ok }

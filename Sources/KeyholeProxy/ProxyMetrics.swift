@@ -4,6 +4,24 @@ import Synchronization
 typealias Counter = CoreMetrics.Counter
 public import Prometheus
 
+/// One `/metrics` for a process: the registry every `ProxyMetrics` of the process registers
+/// on. In appliance mode each guarded interface has its own `ProxyMetrics`, labelled with
+/// its sandbox and interface (a name is either always labelled or never, as Prometheus
+/// requires).
+public final class MetricsRegistry: Sendable {
+    let registry = PrometheusCollectorRegistry()
+
+    public init() {}
+
+    /// Counters with these labels on this registry (make each label set once).
+    public func metrics(labels: [(String, String)] = []) -> ProxyMetrics {
+        ProxyMetrics(registry: registry, labels: labels)
+    }
+
+    /// Prometheus text exposition format.
+    public func render() -> String { registry.emitToString() }
+}
+
 /// The proxy's counters, exported in Prometheus text format. Labels carry secret env names,
 /// actions and kinds; never a value.
 public final class ProxyMetrics: Sendable {
@@ -34,13 +52,20 @@ public final class ProxyMetrics: Sendable {
     let responseBytesScanned: Counter
     let responseFramingErrors: Counter
 
-    public init() {
-        let registry = PrometheusCollectorRegistry()
+    /// Labels every counter of this instance carries (`sandbox`, `interface`), so one
+    /// registry can serve several guarded interfaces side by side.
+    let labels: [(String, String)]
+
+    /// `registry`: shared with other instances (one `/metrics` for all); `labels` tell
+    /// their counters apart.
+    public init(registry shared: PrometheusCollectorRegistry? = nil, labels: [(String, String)] = []) {
+        let registry = shared ?? PrometheusCollectorRegistry()
         let factory = PrometheusMetricsFactory(registry: registry)
         self.registry = registry
         self.factory = factory
+        self.labels = labels
         let counter = { (name: String, dimensions: [(String, String)]) in
-            Counter(label: name, dimensions: dimensions, factory: factory)
+            Counter(label: name, dimensions: labels + dimensions, factory: factory)
         }
         connectionsTLS = counter("keyhole_connections_total", [("kind", "tls")])
         connectionsHTTP = counter("keyhole_connections_total", [("kind", "http")])
@@ -75,7 +100,7 @@ public final class ProxyMetrics: Sendable {
         let counter = substitutionCounters.withLock { counters in
             let key = secret + "\u{0}" + site
             if let existing = counters[key] { return existing }
-            let made = Counter(label: "keyhole_substitutions_total", dimensions: [("secret", secret), ("site", site)], factory: factory)
+            let made = Counter(label: "keyhole_substitutions_total", dimensions: labels + [("secret", secret), ("site", site)], factory: factory)
             counters[key] = made
             return made
         }
@@ -90,7 +115,7 @@ public final class ProxyMetrics: Sendable {
             let key = secret + "\u{0}" + site + "\u{0}" + form
             if let existing = counters[key] { return existing }
             let made = Counter(
-                label: "keyhole_maskings_total", dimensions: [("secret", secret), ("site", site), ("form", form)], factory: factory)
+                label: "keyhole_maskings_total", dimensions: labels + [("secret", secret), ("site", site), ("form", form)], factory: factory)
             counters[key] = made
             return made
         }
@@ -111,6 +136,6 @@ public final class ProxyMetrics: Sendable {
         }
     }
 
-    /// Prometheus text exposition format.
+    /// Prometheus text exposition format (every instance on the registry).
     public func render() -> String { registry.emitToString() }
 }

@@ -130,14 +130,14 @@ struct ProxyCommand: AsyncParsableCommand {
             Output.err("keyhole proxy: \(error)")
             throw ExitCode(1)
         }
-        let proxyMetrics = ProxyMetrics()
+        let registry = MetricsRegistry()
         let events = AsyncStream<ProxyEvent>.makeStream()
         let served: Served
         do {
             if let listen {
-                served = try await .listener(startListener(listen, policy: loaded[0], ca: ca, audit: audit, metrics: proxyMetrics, events: events.continuation))
+                served = try await .listener(startListener(listen, policy: loaded[0], ca: ca, audit: audit, metrics: registry.metrics(), events: events.continuation))
             } else {
-                let (guards, forwarding) = try await startInterfaces(loaded, ca: ca, audit: audit, metrics: proxyMetrics, events: events.continuation)
+                let (guards, forwarding) = try await startInterfaces(loaded, ca: ca, audit: audit, registry: registry, events: events.continuation)
                 served = .interfaces(guards, forwarding: forwarding)
             }
         } catch let error as ExitCode {
@@ -148,7 +148,7 @@ struct ProxyCommand: AsyncParsableCommand {
         }
         var metricsServer: MetricsServer?
         if let metricsAddress {
-            let serverForMetrics = MetricsServer(metrics: proxyMetrics, health: served.health)
+            let serverForMetrics = MetricsServer(registry: registry, health: served.health)
             do {
                 let at = try await serverForMetrics.start(at: metricsAddress)
                 Output.err("keyhole proxy: metrics at http://\(at.ipAddress ?? "?"):\(at.port ?? 0)/metrics")
@@ -232,7 +232,7 @@ struct ProxyCommand: AsyncParsableCommand {
     /// `--interface` (one or more): forwarding on, then one guarded interface each; returns
     /// them and the forwarding settings to restore.
     private func startInterfaces(
-        _ loaded: [Policy], ca: SandboxCA, audit: AuditLog, metrics: ProxyMetrics, events: AsyncStream<ProxyEvent>.Continuation
+        _ loaded: [Policy], ca: SandboxCA, audit: AuditLog, registry: MetricsRegistry, events: AsyncStream<ProxyEvent>.Continuation
     ) async throws -> ([GuardedInterface], [String: String]) {
         let forwarding = Appliance.enableForwarding()
         var guards: [GuardedInterface] = []
@@ -242,8 +242,10 @@ struct ProxyCommand: AsyncParsableCommand {
                 firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)), headTimeout: .milliseconds(Int64(headTimeout * 1000)),
                 stateDirectory: state.resolved)
             do {
+                // Each interface's counters carry its sandbox and interface (one /metrics for all).
+                let labelled = registry.metrics(labels: [("sandbox", loaded[index].name), ("interface", interface)])
                 let guarded = try await GuardedInterface.start(
-                    interface: interface, policy: loaded[index], ca: ca, settings: settings, audit: audit, metrics: metrics,
+                    interface: interface, policy: loaded[index], ca: ca, settings: settings, audit: audit, metrics: labelled,
                     onTerminate: { reason in events.yield(.terminate(reason, interface: interface)) })
                 guards.append(guarded)
             } catch {

@@ -51,11 +51,14 @@ struct ApplianceEndToEndTests {
         #expect(harness.audit.contains("\"event\":\"dns-rebinding-dropped\""))
 
         let metrics = try harness.metricsText()
-        // Counters exist from the start at 0; these must have moved.
+        // Counters exist from the start at 0; these must have moved. Each carries the
+        // interface's sandbox and interface name.
+        let labels = "sandbox=\"appliance\",interface=\"\(harness.guestInterface)\""
         for result in ["pinned", "dropped-rebinding"] {
-            #expect(metrics.contains("keyhole_dns_answers_total{result=\"\(result)\"}"), "\(metrics)")
-            #expect(!metrics.contains("keyhole_dns_answers_total{result=\"\(result)\"} 0\n"), "\(metrics)")
+            #expect(metrics.contains("keyhole_dns_answers_total{\(labels),result=\"\(result)\"}"), "\(metrics)")
+            #expect(!metrics.contains("keyhole_dns_answers_total{\(labels),result=\"\(result)\"} 0\n"), "\(metrics)")
         }
+        #expect(metrics.contains("keyhole_connections_total{\(labels),kind=\"tls\"}"), "\(metrics)")
 
         // Egress for non-TCP traffic: the "internet" is reachable, a private range is not.
         #expect(try harness.guest("ping -c 1 -W 2 203.0.113.10").status == 0)
