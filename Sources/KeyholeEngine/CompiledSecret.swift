@@ -8,6 +8,8 @@ public struct CompiledSecret: Sendable {
     public let allowedHosts: HostAllowList
     public let requireTLSIdentity: Bool
     public let inject: Injection
+    /// Hosts the placeholder may travel to unchanged.
+    public let passthroughHosts: HostAllowList
     /// The real value, as sent in headers and bodies.
     let raw: [UInt8]
     /// The real value percent-encoded (RFC 3986 unreserved characters kept), for queries
@@ -20,6 +22,7 @@ public struct CompiledSecret: Sendable {
         allowedHosts = secret.allowedHosts
         requireTLSIdentity = secret.requireTLSIdentity
         inject = secret.inject
+        passthroughHosts = secret.passthroughHosts
         raw = secret.value.bytes
         percentEncoded = PercentEncoding.encode(secret.value.bytes)
     }

@@ -237,7 +237,7 @@ struct RewriterCore {
     /// What this connection holds of the budget (the body being held).
     var heldBodyReserved = 0
     /// Substitutions of the current request not yet reported (reported once its head is out).
-    var pendingSubstitutionEvents: [(Int, Site)] = []
+    var pendingSubstitutionEvents: [(Int, Site, passedThrough: Bool)] = []
     let allocator = ByteBufferAllocator()
 
     init(identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration, mode: Mode) {

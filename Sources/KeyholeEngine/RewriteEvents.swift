@@ -179,4 +179,7 @@ public enum RewriteEvent: Sendable, Hashable {
     /// request (a request that carries one is reported as a `violation` instead). The
     /// connection must be reset.
     case hostMismatch(request: RequestSummary?)
+    /// A placeholder went on unchanged to one of its secret's passthrough hosts (reported once
+    /// per request, secret and site); not a violation.
+    case passedThrough(secret: String, site: Site, request: RequestSummary)
 }

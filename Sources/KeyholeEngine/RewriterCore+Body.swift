@@ -21,9 +21,17 @@ extension RewriterCore {
             case .data(let slice):
                 output.forward(slice)
             case .match(let secret, let form, _):
-                if case .failure(let violation) = decide(secret: secret, site: site, form: form) {
+                switch decide(secret: secret, site: site, form: form) {
+                case .failure(let violation):
                     block(violation, &output)
-                } else {
+                case .passThrough(let placeholder) where form == .raw:
+                    // The same bytes (a streamed body keeps its length): on it goes.
+                    output.insert(placeholder)
+                    flushSubstitutionEvents(&output)
+                    continue
+                case .passThrough:
+                    block(makeViolation(secret: secret, site: site, form: form, reason: .encodedForm), &output)
+                case .success:
                     // Streaming is chosen only when no secret may be substituted in the body.
                     block(makeViolation(secret: secret, site: site, form: form, reason: .injectionDisabled), &output)
                 }
@@ -49,7 +57,7 @@ extension RewriterCore {
                     heldItems.removeAll()
                     block(violation, &output)
                     return
-                case .success(let replacement):
+                case .success(let replacement), .passThrough(let replacement):
                     pieces.append((replacement, true))
                     length += replacement.readableBytes
                 }
@@ -140,7 +148,7 @@ extension RewriterCore {
                 case .failure(let violation):
                     block(violation, &output)
                     return
-                case .success(let replacement):
+                case .success(let replacement), .passThrough(let replacement):
                     segmentPieces.append((replacement, true))
                     segmentLength += replacement.readableBytes
                     itemPosition += length

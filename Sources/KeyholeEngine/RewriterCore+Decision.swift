@@ -5,6 +5,16 @@ import NIOCore
 /// value here (identity, `inject` switches, forms), and the events that report it.
 extension RewriterCore {
     mutating func decide(secret: Int, site: Site, form: PlaceholderForm) -> Decision {
+        // Bound for one of the secret's passthrough hosts: the placeholder goes on as it is
+        // (the raw placeholder: an encoded form decodes to the same text).
+        if !secrets[secret].passthroughHosts.isEmpty, let host = requestHostName(), secrets[secret].passthroughHosts.allows(host) {
+            let bit = UInt16(1) << (Self.bit(site) + 8)
+            if reported[secret] & bit == 0 {
+                reported[secret] |= bit
+                pendingSubstitutionEvents.append((secret, site, true))
+            }
+            return .passThrough(ByteBuffer(bytes: secrets[secret].placeholder))
+        }
         let inject = secrets[secret].inject
         let reason: ViolationReason?
         switch site {
@@ -40,7 +50,7 @@ extension RewriterCore {
         let bit = UInt16(1) << Self.bit(site)
         if reported[secret] & bit == 0 {
             reported[secret] |= bit
-            pendingSubstitutionEvents.append((secret, site))
+            pendingSubstitutionEvents.append((secret, site, false))
         }
         let percent = site == .query || (site == .body && head.formBody)
         return .success(percent ? percentValues[secret] : rawValues[secret])
@@ -50,6 +60,15 @@ extension RewriterCore {
     enum Decision {
         case success(ByteBuffer)
         case failure(Violation)
+        /// The placeholder goes on unchanged (these are its raw bytes).
+        case passThrough(ByteBuffer)
+    }
+
+    /// The host the current request goes to: its `Host` (which equals the SNI on TLS), or the
+    /// SNI outside a request (an upgraded stream).
+    mutating func requestHostName() -> String? {
+        if let host = currentSummary()?.host, !host.isEmpty { return HostName.normalize(host) }
+        return identity.sni
     }
 
     static func bit(_ site: Site) -> UInt16 {

@@ -297,7 +297,7 @@ extension RewriterCore {
             switch decide(secret: secret, site: site, form: form) {
             case .failure(let violation):
                 return violation
-            case .success(let replacement):
+            case .success(let replacement), .passThrough(let replacement):
                 edits.append((c..<(c + length), replacement))
             }
             i = c + length
@@ -340,6 +340,8 @@ extension RewriterCore {
                     rebuilt.append(contentsOf: secrets[secret].raw)
                     last = c + length
                     changed = true
+                case .passThrough:
+                    break  // the credentials stay as they are
                 }
                 i = c + length
             }
@@ -367,8 +369,9 @@ extension RewriterCore {
     mutating func flushSubstitutionEvents(_ output: inout RewriteOutput) {
         guard !pendingSubstitutionEvents.isEmpty else { return }
         let request = currentSummary() ?? RequestSummary(method: "", path: "", host: nil)
-        for (secret, site) in pendingSubstitutionEvents {
-            output.events.append(.substituted(secret: secrets[secret].env, site: site, request: request))
+        for (secret, site, passedThrough) in pendingSubstitutionEvents {
+            let env = secrets[secret].env
+            output.events.append(passedThrough ? .passedThrough(secret: env, site: site, request: request) : .substituted(secret: env, site: site, request: request))
         }
         pendingSubstitutionEvents.removeAll(keepingCapacity: true)
     }

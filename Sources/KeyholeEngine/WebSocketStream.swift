@@ -226,7 +226,7 @@ extension RewriterCore {
                 switch decide(secret: secret, site: .websocket, form: form) {
                 case .failure(let violation):
                     failure = violation
-                case .success(let value):
+                case .success(let value), .passThrough(let value):
                     let local = (c - starts[first])..<(c - starts[first] + length)
                     replacements[dataFrames[first], default: []].append((local, value))
                 }

@@ -64,13 +64,21 @@ public struct Secret: Sendable, CustomStringConvertible {
     public var allowedHosts: HostAllowList
     public var requireTLSIdentity: Bool
     public var inject: Injection
+    /// Hosts the placeholder may travel to unchanged (never the value): an LLM API that gets
+    /// an agent's transcript, say. Not a violation; audited as `passed-through`.
+    public var passthroughHosts: HostAllowList
+    /// This secret's own violation action; the stricter of it and the network's applies.
+    public var onViolation: ViolationAction?
     public var location: SourceLocation?
 
     public init(
         env: String, placeholder: String? = nil, value: SecretValue, source: SecretSource = .inline,
         allowedHosts: HostAllowList, requireTLSIdentity: Bool = true, inject: Injection = Injection(),
+        passthroughHosts: HostAllowList = HostAllowList(), onViolation: ViolationAction? = nil,
         location: SourceLocation? = nil
     ) {
+        self.passthroughHosts = passthroughHosts
+        self.onViolation = onViolation
         self.env = env
         self.placeholder = placeholder ?? Secret.defaultPlaceholder(forEnv: env)
         self.value = value
@@ -92,6 +100,20 @@ public enum ViolationAction: String, Sendable, Hashable, CaseIterable {
     case block
     case blockAndLog = "block-and-log"
     case blockAndTerminate = "block-and-terminate"
+
+    private var strictness: Int {
+        switch self {
+        case .block: return 0
+        case .blockAndLog: return 1
+        case .blockAndTerminate: return 2
+        }
+    }
+
+    /// The stricter of two actions (a secret's own and the network's, as in microsandbox).
+    public func stricter(_ other: ViolationAction?) -> ViolationAction {
+        guard let other, other.strictness > strictness else { return self }
+        return other
+    }
 }
 
 /// What the guest gets when Keyhole blocks a request.

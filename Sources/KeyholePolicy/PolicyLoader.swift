@@ -73,7 +73,8 @@ enum Schema {
     static let root = ["version", "name", "secrets", "network", "guest"]
     static let secret = [
         "env", "from_env", "from_file", "value", "placeholder", "allow_hosts", "allow_host_patterns",
-        "allow_any_host_dangerous", "require_tls_identity", "inject",
+        "allow_any_host_dangerous", "require_tls_identity", "inject", "passthrough_hosts", "passthrough_host_patterns",
+        "on_violation",
     ]
     static let inject = ["headers", "basic_auth", "query", "body"]
     static let network = ["on_secret_violation", "block_response", "upstream_ca", "tls_bypass", "egress", "gateway", "dns"]
@@ -507,11 +508,46 @@ final class PolicyReader {
             if let b = i["body"].flatMap({ bool($0, "inject.body") }) { inject.body = b }
         }
 
+        // Where the placeholder may go unchanged (never the value).
+        var passExact: [String] = []
+        if let n = f["passthrough_hosts"] {
+            for (host, hostNode) in stringList(n, "passthrough_hosts") {
+                let normalized = HostName.normalize(host)
+                if let problem = HostName.problem(with: normalized) {
+                    error(hostNode, "passthrough host '\(host)' \(problem)")
+                    ok = false
+                } else if exact.contains(normalized) || patterns.contains(where: { $0.matches(normalizedHost: normalized) }) {
+                    error(hostNode, "'\(host)' is both an allowed host and a passthrough host of '\(env)': it gets the value; remove it from one of them")
+                    ok = false
+                } else {
+                    passExact.append(normalized)
+                }
+            }
+        }
+        var passPatterns: [HostPattern] = []
+        if let n = f["passthrough_host_patterns"] {
+            for (text, patternNode) in stringList(n, "passthrough_host_patterns") {
+                if let pattern = HostPattern(text) {
+                    passPatterns.append(pattern)
+                } else {
+                    error(patternNode, "host pattern '\(text)' \(HostPattern.problem(with: text) ?? "is invalid")")
+                    ok = false
+                }
+            }
+        }
+        var onViolation: ViolationAction?
+        if let n = f["on_violation"] {
+            onViolation = oneOf(n, "on_violation", ViolationAction.self)
+            if onViolation == nil { ok = false }
+        }
+
         guard ok, let value else { return nil }
         let secret = Secret(
             env: env, placeholder: placeholder, value: value, source: source,
             allowedHosts: HostAllowList(exact: exact, patterns: patterns, anyHost: anyHost),
-            requireTLSIdentity: requireTLS, inject: inject, location: location(node))
+            requireTLSIdentity: requireTLS, inject: inject,
+            passthroughHosts: HostAllowList(exact: passExact, patterns: passPatterns), onViolation: onViolation,
+            location: location(node))
         return (secret, envNode, placeholderNode)
     }
 

@@ -49,6 +49,7 @@ public final class ProxyMetrics: Sendable {
     let dnsUntrustedSource: Counter
     let egressDenied: Counter
     let hostMismatches: Counter
+    let passedThrough: Counter
     let responseBytesScanned: Counter
     let responseFramingErrors: Counter
 
@@ -88,6 +89,7 @@ public final class ProxyMetrics: Sendable {
         dnsUntrustedSource = counter("keyhole_dns_answers_total", [("result", "dropped-untrusted-source")])
         egressDenied = counter("keyhole_egress_denied_total", [])
         hostMismatches = counter("keyhole_host_mismatches_total", [])
+        passedThrough = counter("keyhole_passthroughs_total", [])
         responseBytesScanned = counter("keyhole_response_bytes_scanned_total", [])
         responseFramingErrors = counter("keyhole_response_framing_errors_total", [])
     }

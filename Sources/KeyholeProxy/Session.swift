@@ -399,8 +399,17 @@ final class Session {
                 AuditRecord(
                     level: .info, event: "substituted", sandbox: policy.name, connection: id, secret: secret, site: site.rawValue,
                     sni: serverName, host: request.host, destination: destinationText, method: request.method, path: request.path))
+        case .passedThrough(let secret, let site, let request):
+            shared.metrics.passedThrough.increment()
+            shared.audit.write(
+                AuditRecord(
+                    level: .info, event: "passed-through", sandbox: policy.name, connection: id, secret: secret, site: site.rawValue,
+                    sni: serverName, host: request.host, destination: destinationText, method: request.method, path: request.path,
+                    detail: "the placeholder went on unchanged to one of the secret's passthrough hosts"))
         case .violation(let violation):
-            let action = policy.network.onSecretViolation
+            // The stricter of the secret's own action and the network's.
+            let own = policy.secrets.first { $0.env == violation.secret }?.onViolation
+            let action = policy.network.onSecretViolation.stricter(own)
             switch action {
             case .block: shared.metrics.violationsBlock.increment()
             case .blockAndLog: shared.metrics.violationsLog.increment()

@@ -111,6 +111,7 @@ struct RewriteCommand: ParsableCommand {
                     masker.activate()
                     continue
                 }
+                if case .passedThrough = event { continue }
                 blocked = true
             }
             output.events.removeAll(keepingCapacity: true)
@@ -209,6 +210,9 @@ struct AuditLine {
             fields += requestFields(violation.request)
         case .framingError(let error, let request):
             fields += [("event", "framing-error"), ("reason", error.rawValue), ("detail", error.explanation), ("action", "reset")]
+            fields += requestFields(request)
+        case .passedThrough(let secret, let site, let request):
+            fields += [("event", "passed-through"), ("secret", secret), ("site", site.rawValue)]
             fields += requestFields(request)
         case .hostMismatch(let request):
             fields += [("event", "host-mismatch"), ("reason", sni == nil ? "authority-not-host" : "host-not-sni"), ("action", "reset")]

@@ -33,6 +33,46 @@ struct PolicySemanticsTests {
         #expect(policy.guest == nil)
     }
 
+    @Test func passthroughHostsAndAPerSecretActionWhereTheStricterWins() throws {
+        let policy = try load(
+            """
+            version: 1
+            secrets:
+              - env: TOKEN
+                from_env: TOKEN
+                allow_hosts: [api.example.com]
+                passthrough_hosts: [api.llm.test]
+                passthrough_host_patterns: ["*.openai.test"]
+                on_violation: block-and-terminate
+            network:
+              on_secret_violation: block-and-log
+            """)
+        let secret = try #require(policy.secrets.first)
+        #expect(secret.passthroughHosts.allows("api.llm.test") && secret.passthroughHosts.allows("chat.openai.test"))
+        #expect(!secret.passthroughHosts.allows("api.example.com"))
+        #expect(policy.network.onSecretViolation.stricter(secret.onViolation) == .blockAndTerminate)
+        #expect(ViolationAction.blockAndTerminate.stricter(.block) == .blockAndTerminate)
+        #expect(ViolationAction.blockAndLog.stricter(nil) == .blockAndLog)
+        #expect(ViolationAction.block.stricter(.blockAndLog) == .blockAndLog)
+        // A host cannot be both: it would get the value.
+        #expect(throws: PolicyError.self) {
+            try load(
+                """
+                version: 1
+                secrets:
+                  - env: TOKEN
+                    from_env: TOKEN
+                    allow_hosts: [api.example.com]
+                    passthrough_hosts: [API.example.com]
+                """)
+        }
+        do {
+            _ = try load("version: 1\nsecrets:\n  - env: TOKEN\n    from_env: TOKEN\n    allow_hosts: [a.example.com]\n    passthrough_hosts: [a.example.com]\n")
+        } catch {
+            #expect((error as? PolicyError)?.diagnostics.map(\.description) == ["test.yaml:6:25: 'a.example.com' is both an allowed host and a passthrough host of 'TOKEN': it gets the value; remove it from one of them"])
+        }
+    }
+
     @Test func hostPatternsNeverMatchTheApex() throws {
         let pattern = try #require(HostPattern("*.githubusercontent.com"))
         let list = HostAllowList(patterns: [pattern])
