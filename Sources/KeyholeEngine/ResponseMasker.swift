@@ -341,12 +341,11 @@ public final class ResponseMasker {
         decideFraming(parsed, &output)
         if case .failed = state { return }
         if decoder != nil {
-            emitHead(ResponseHead.identityChunked(head), ByteBuffer(bytes: ResponseHead.identityChunked(head)), &output)
+            let rewritten = ResponseHead.identityChunked(head)
+            emitHead(rewritten, ByteBuffer(bytes: rewritten), &output)
         } else {
             emitHead(head, original, &output)
         }
-        // A response with no body ends with its head.
-        if case .head = state, masking { stream.drain(final: true, site: site, secrets: secrets, into: &output) }
     }
 
     /// The head, masked exactly (placeholders replace values).
@@ -421,15 +420,13 @@ public final class ResponseMasker {
         }
         if masking, let coding = head.contentCoding {
             // gzip or deflate, alone, to a client that takes chunked: decoded and masked.
-            guard let decoder = BodyDecoder(coding: coding), !request.http10, !(head.contentLength == 0 && !head.transferEncoding) else {
-                if head.contentLength == 0 && !head.transferEncoding {
-                    popFront()
-                    state = .head
-                    return
+            // (An empty body needs no decoding.)
+            if head.transferEncoding || head.contentLength != 0 {
+                guard !request.http10, let decoder = BodyDecoder(coding: coding) else {
+                    return fail(.valueInResponse, "Content-Encoding: \(coding)", &output)
                 }
-                return fail(.valueInResponse, "Content-Encoding: \(coding)", &output)
+                self.decoder = decoder
             }
-            self.decoder = decoder
         }
         if head.transferEncoding {
             state = head.chunked ? .chunkSize : .closeDelimited
@@ -506,21 +503,9 @@ public final class ResponseMasker {
     // MARK: WebSocket (server frames are not masked)
 
     private func consumeFrameHeader(_ input: inout ByteBuffer, _ output: inout MaskOutput) {
-        while frameHeader.count < 2 || frameHeader.count < WebSocketStream.headerLength(frameHeader) {
-            guard let byte = input.readInteger(as: UInt8.self) else { return }
-            frameHeader.append(byte)
-        }
-        let h = frameHeader
-        frameHeader = []
+        guard let h = WebSocketStream.takeHeader(&input, into: &frameHeader) else { return }
         guard h[1] & 0x80 == 0 else { return fail(.websocketProtocol, "a masked server frame", &output) }
-        var length = Int(h[1] & 0x7F)
-        if length == 126 {
-            length = Int(h[2]) << 8 | Int(h[3])
-        } else if length == 127 {
-            guard h[2] & 0x80 == 0 else { return fail(.websocketProtocol, "a frame length over 2^63", &output) }
-            length = 0
-            for i in 2..<10 { length = length << 8 | Int(h[i]) }
-        }
+        guard let (length, _) = WebSocketStream.payloadLength(h) else { return fail(.websocketProtocol, "a frame length over 2^63", &output) }
         pass(ByteBuffer(bytes: h), &output)
         state = length == 0 ? .websocketHeader : .websocketPayload(remaining: length)
     }
@@ -581,26 +566,15 @@ struct ResponseHead {
             func value() -> String { String(decoding: UnsafeRawBufferPointer(rebasing: b[valueStart..<valueEnd]), as: UTF8.self) }
             switch name.count {
             case 14 where named("content-length"):
-                // digits, or a list of equal digits
-                var current = 0
-                var digits = 0
-                var k = valueStart
-                while k <= valueEnd {
-                    if k == valueEnd || b[k] == 0x2C {
-                        guard digits > 0 else { return false }
-                        if let existing = length, existing != current { conflicting = true }
-                        length = current
-                        current = 0
-                        digits = 0
-                        k += 1
-                        while k < valueEnd, b[k] == 0x20 || b[k] == 0x09 { k += 1 }
-                        if k > valueEnd { break }
-                        continue
-                    }
-                    guard b[k] >= 0x30, b[k] <= 0x39, digits < 18 else { return false }
-                    current = current * 10 + Int(b[k] - 0x30)
-                    digits += 1
-                    k += 1
+                // Digits, or a list of equal digits: read as a request's is.
+                do {
+                    let value = try RequestHead.parseContentLength(b, valueStart..<valueEnd)
+                    if let existing = length, existing != value { conflicting = true }
+                    length = value
+                } catch .conflictingContentLength {
+                    conflicting = true
+                } catch {
+                    return false
                 }
             case 17 where named("transfer-encoding"):
                 transferEncoding = true
@@ -641,6 +615,7 @@ extension ResponseHead {
 }
 
 extension StringProtocol {
+    /// Without leading and trailing spaces and tabs (HTTP's optional whitespace).
     func trimmingSpaces() -> String {
         String(String(self.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed()))
     }

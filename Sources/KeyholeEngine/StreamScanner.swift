@@ -42,8 +42,8 @@ struct StreamScanner<Matcher: StreamMatcher> {
     /// Keep the bytes of each match in `matchedBytes` (response masking rebuilds base64
     /// from them).
     let captures: Bool
-    /// The bytes of the last match, when `captures`.
-    private(set) var matchedBytes: [[UInt8]] = []
+    /// The bytes of each match not yet taken, in order, when `captures`.
+    private var matchedBytes: [[UInt8]] = []
 
     init(matcher: Matcher, captures: Bool = false) {
         self.matcher = matcher

@@ -14,7 +14,6 @@ public enum UpgradeDecision {
     /// A protocol token without its version, lower-cased: `WebSocket` → `websocket`,
     /// `h2c` → `h2c`, `HTTP/2.0` → `http`.
     static func token<S: StringProtocol>(_ text: S) -> String {
-        let trimmed = text.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed()
-        return String(String(trimmed).split(separator: "/", maxSplits: 1).first ?? "").lowercased()
+        String(text.trimmingSpaces().split(separator: "/", maxSplits: 1).first ?? "").lowercased()
     }
 }

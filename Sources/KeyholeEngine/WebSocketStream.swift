@@ -63,6 +63,33 @@ struct WebSocketStream {
         let length7 = header[1] & 0x7F
         return 2 + (length7 == 126 ? 2 : length7 == 127 ? 8 : 0) + (header[1] & 0x80 != 0 ? 4 : 0)
     }
+
+    /// Moves header bytes from `input` into `header` (a frame header split anywhere); returns
+    /// the whole header once it is complete, and starts `header` afresh.
+    static func takeHeader(_ input: inout ByteBuffer, into header: inout [UInt8]) -> [UInt8]? {
+        while header.count < 2 || header.count < headerLength(header) {
+            guard let byte = input.readInteger(as: UInt8.self) else { return nil }
+            header.append(byte)
+        }
+        defer { header = [] }
+        return header
+    }
+
+    /// The payload length a whole header declares, and where its masking key (if any)
+    /// starts; nil for a 64-bit length with the top bit set (RFC 6455 forbids it).
+    static func payloadLength(_ h: [UInt8]) -> (length: Int, keyOffset: Int)? {
+        switch h[1] & 0x7F {
+        case 126:
+            return (Int(h[2]) << 8 | Int(h[3]), 4)
+        case 127:
+            guard h[2] & 0x80 == 0 else { return nil }
+            var length = 0
+            for i in 2..<10 { length = length << 8 | Int(h[i]) }
+            return (length, 10)
+        case let length7:
+            return (Int(length7), 2)
+        }
+    }
 }
 
 extension RewriterCore {
@@ -97,25 +124,10 @@ extension RewriterCore {
     }
 
     private mutating func readFrameHeader(_ input: inout ByteBuffer, _ output: inout RewriteOutput) {
-        while webSocket.header.count < 2 || webSocket.header.count < WebSocketStream.headerLength(webSocket.header) {
-            guard let byte = input.readInteger(as: UInt8.self) else { return }
-            webSocket.header.append(byte)
-        }
-        let h = webSocket.header
-        webSocket.header = []
+        guard let h = WebSocketStream.takeHeader(&input, into: &webSocket.header) else { return }
         let fin = h[0] & 0x80 != 0
         let opcode = h[0] & 0x0F
-        var length = Int(h[1] & 0x7F)
-        var k = 2
-        if length == 126 {
-            length = Int(h[2]) << 8 | Int(h[3])
-            k = 4
-        } else if length == 127 {
-            guard h[2] & 0x80 == 0 else { return fail(.websocketProtocol, &output) }
-            length = 0
-            for i in 2..<10 { length = length << 8 | Int(h[i]) }
-            k = 10
-        }
+        guard let (length, k) = WebSocketStream.payloadLength(h) else { return fail(.websocketProtocol, &output) }
         let masked = h[1] & 0x80 != 0
         let control = opcode >= 8
         // Client frames are masked; no extension was offered, so no reserved bit is set;

@@ -451,29 +451,8 @@ final class PolicyReader {
 
         // Hosts.
         let diagnosticsBeforeHosts = diagnostics.count
-        var exact: [String] = []
-        if let n = f["allow_hosts"] {
-            for (host, hostNode) in stringList(n, "allow_hosts") {
-                let normalized = HostName.normalize(host)
-                if let problem = HostName.problem(with: normalized) {
-                    error(hostNode, "allowed host '\(host)' \(problem)")
-                    ok = false
-                } else {
-                    exact.append(normalized)
-                }
-            }
-        }
-        var patterns: [HostPattern] = []
-        if let n = f["allow_host_patterns"] {
-            for (text, patternNode) in stringList(n, "allow_host_patterns") {
-                if let pattern = HostPattern(text) {
-                    patterns.append(pattern)
-                } else {
-                    error(patternNode, "host pattern '\(text)' \(HostPattern.problem(with: text) ?? "is invalid")")
-                    ok = false
-                }
-            }
-        }
+        let exact = hostNames(f["allow_hosts"], "allow_hosts", what: "allowed host", ok: &ok).map(\.name)
+        let patterns = hostPatterns(f["allow_host_patterns"], "allow_host_patterns", ok: &ok)
         var anyHost = false
         if let n = f["allow_any_host_dangerous"], let flag = bool(n, "allow_any_host_dangerous") {
             anyHost = flag
@@ -510,31 +489,15 @@ final class PolicyReader {
 
         // Where the placeholder may go unchanged (never the value).
         var passExact: [String] = []
-        if let n = f["passthrough_hosts"] {
-            for (host, hostNode) in stringList(n, "passthrough_hosts") {
-                let normalized = HostName.normalize(host)
-                if let problem = HostName.problem(with: normalized) {
-                    error(hostNode, "passthrough host '\(host)' \(problem)")
-                    ok = false
-                } else if exact.contains(normalized) || patterns.contains(where: { $0.matches(normalizedHost: normalized) }) {
-                    error(hostNode, "'\(host)' is both an allowed host and a passthrough host of '\(env)': it gets the value; remove it from one of them")
-                    ok = false
-                } else {
-                    passExact.append(normalized)
-                }
+        for (host, hostNode) in hostNames(f["passthrough_hosts"], "passthrough_hosts", what: "passthrough host", ok: &ok) {
+            if exact.contains(host) || patterns.contains(where: { $0.matches(normalizedHost: host) }) {
+                error(hostNode, "'\(hostNode.string ?? host)' is both an allowed host and a passthrough host of '\(env)': it gets the value; remove it from one of them")
+                ok = false
+            } else {
+                passExact.append(host)
             }
         }
-        var passPatterns: [HostPattern] = []
-        if let n = f["passthrough_host_patterns"] {
-            for (text, patternNode) in stringList(n, "passthrough_host_patterns") {
-                if let pattern = HostPattern(text) {
-                    passPatterns.append(pattern)
-                } else {
-                    error(patternNode, "host pattern '\(text)' \(HostPattern.problem(with: text) ?? "is invalid")")
-                    ok = false
-                }
-            }
-        }
+        let passPatterns = hostPatterns(f["passthrough_host_patterns"], "passthrough_host_patterns", ok: &ok)
         var onViolation: ViolationAction?
         if let n = f["on_violation"] {
             onViolation = oneOf(n, "on_violation", ViolationAction.self)
@@ -549,6 +512,38 @@ final class PolicyReader {
             passthroughHosts: HostAllowList(exact: passExact, patterns: passPatterns), onViolation: onViolation,
             location: location(node))
         return (secret, envNode, placeholderNode)
+    }
+
+    /// The valid host names of a list, normalized, with their nodes; each invalid one is
+    /// reported (`what` names the list's role) and clears `ok`.
+    func hostNames(_ node: Node?, _ key: String, what: String, ok: inout Bool) -> [(name: String, node: Node)] {
+        guard let node else { return [] }
+        var names: [(name: String, node: Node)] = []
+        for (host, hostNode) in stringList(node, key) {
+            let normalized = HostName.normalize(host)
+            if let problem = HostName.problem(with: normalized) {
+                error(hostNode, "\(what) '\(host)' \(problem)")
+                ok = false
+            } else {
+                names.append((normalized, hostNode))
+            }
+        }
+        return names
+    }
+
+    /// The valid host patterns of a list; each invalid one is reported and clears `ok`.
+    func hostPatterns(_ node: Node?, _ key: String, ok: inout Bool) -> [HostPattern] {
+        guard let node else { return [] }
+        var patterns: [HostPattern] = []
+        for (text, patternNode) in stringList(node, key) {
+            if let pattern = HostPattern(text) {
+                patterns.append(pattern)
+            } else {
+                error(patternNode, "host pattern '\(text)' \(HostPattern.problem(with: text) ?? "is invalid")")
+                ok = false
+            }
+        }
+        return patterns
     }
 
     func loadFromEnvironment(_ name: String, node: Node) -> SecretValue? {

@@ -266,36 +266,13 @@ public final class AuditLog: Sendable {
     private static func sendSyslog(_ message: [UInt8], severity: Int, socket path: String, fd: inout Int32) {
         let datagram = Array("<\(3 * 8 + severity)>keyhole[\(getpid())]: ".utf8) + message
         for _ in 0..<2 {
-            if fd < 0 { fd = connectDatagram(path) }
+            if fd < 0 { fd = UnixDatagram.connect(path) }
             guard fd >= 0 else { return }
             let sent = datagram.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
             if sent >= 0 { return }
             close(fd)
             fd = -1
         }
-    }
-
-    private static func connectDatagram(_ path: String) -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return -1 }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-            close(fd)
-            return -1
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, byte) in bytes.enumerated() { raw[i] = byte }
-        }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected == 0 else {
-            close(fd)
-            return -1
-        }
-        return fd
     }
 }
 

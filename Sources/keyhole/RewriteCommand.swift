@@ -121,28 +121,11 @@ struct RewriteCommand: ParsableCommand {
             }
         }
 
-        var buffer = ByteBufferAllocator().buffer(capacity: 64 * 1024)
-        while true {
-            buffer.clear()
-            let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 64 * 1024) { raw in
-                var r: Int
-                repeat { r = read(0, raw.baseAddress, raw.count) } while r < 0 && errno == EINTR
-                return max(r, 0)
-            }
-            if n == 0 { break }
-            if let chunkSize {
-                var rest = buffer
-                while rest.readableBytes > 0 {
-                    let piece = rest.readSlice(length: min(chunkSize, rest.readableBytes))!
-                    rewriter.consume(piece, into: &output)
-                    deliver()
-                }
-            } else {
-                rewriter.consume(buffer, into: &output)
+        while let buffer = Self.read(0) {
+            for piece in Self.pieces(of: buffer, chunkSize) {
+                rewriter.consume(piece, into: &output)
                 deliver()
             }
-            // The engine keeps slices of what it holds; give the next read its own storage.
-            buffer = ByteBufferAllocator().buffer(capacity: 64 * 1024)
         }
         rewriter.finish(into: &output)
         deliver()
@@ -150,6 +133,27 @@ struct RewriteCommand: ParsableCommand {
             try maskResponse(response, masker: masker, audit: audit, blocked: &blocked)
         }
         if blocked || rewriter.status == .blocked { throw ExitCode(3) }
+    }
+
+    /// The next read of `fd` (up to 64 KiB, in its own storage: the engine keeps slices of
+    /// what it holds), or nil at the end.
+    static func read(_ fd: Int32) -> ByteBuffer? {
+        var buffer = ByteBufferAllocator().buffer(capacity: 64 * 1024)
+        let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 64 * 1024) { raw in
+            var r: Int
+            repeat { r = Glibc.read(fd, raw.baseAddress, raw.count) } while r < 0 && errno == EINTR
+            return max(r, 0)
+        }
+        return n == 0 ? nil : buffer
+    }
+
+    /// `buffer` in pieces of `size` bytes (whole when nil), as `--chunk-size` asks.
+    static func pieces(of buffer: ByteBuffer, _ size: Int?) -> [ByteBuffer] {
+        guard let size else { return [buffer] }
+        var rest = buffer
+        var pieces: [ByteBuffer] = []
+        while rest.readableBytes > 0 { pieces.append(rest.readSlice(length: min(size, rest.readableBytes))!) }
+        return pieces
     }
 
     /// Feeds the response stream to the masker; what the guest would receive goes to stdout.
@@ -168,17 +172,9 @@ struct RewriteCommand: ParsableCommand {
             }
             output.events.removeAll(keepingCapacity: true)
         }
-        while !failed {
-            var buffer = ByteBufferAllocator().buffer(capacity: 64 * 1024)
-            let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 64 * 1024) { raw in
-                var r: Int
-                repeat { r = read(fd, raw.baseAddress, raw.count) } while r < 0 && errno == EINTR
-                return max(r, 0)
-            }
-            if n == 0 { break }
-            var rest = buffer
-            while rest.readableBytes > 0, !failed {
-                masker.consume(rest.readSlice(length: min(chunkSize ?? rest.readableBytes, rest.readableBytes))!, into: &output)
+        while !failed, let buffer = Self.read(fd) {
+            for piece in Self.pieces(of: buffer, chunkSize) where !failed {
+                masker.consume(piece, into: &output)
                 deliver()
             }
         }

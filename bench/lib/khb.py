@@ -147,12 +147,19 @@ def add_upload(raw, contender, workload, rnd, log, offset, curl_out, rss_kib, ex
         if r.get("real") != expect["real"]:
             why.append(f"{r.get('real')} real values in the body at upstream, expected {expect['real']}")
     rec["check"] = {"ok": not why, "why": why, "upstream": records}
+    record_transfer(raw, rec, parts, curl_out, expect["mib"], rss_kib, why)
+
+
+def record_transfer(raw, rec, parts, curl_out, mib, rss_kib, why, extra=""):
+    """The common end of an upload or download record: throughput and CPU per GiB from curl's
+    `CODE SECONDS SIZE`, the peak RSS, the record appended, a line printed."""
+    workload, contender, rnd = rec["workload"], rec["contender"], rec["round"]
     if len(parts) >= 3 and parts[0] == "200":
         secs = float(parts[1])
         rec["seconds"] = secs
-        rec["mib_s"] = expect["mib"] / secs if secs > 0 else 0.0
+        rec["mib_s"] = mib / secs if secs > 0 else 0.0
         if rec["proxy_cpu_s"] is not None:
-            rec["proxy_cpu_s_per_gib"] = rec["proxy_cpu_s"] / (expect["mib"] / 1024)
+            rec["proxy_cpu_s_per_gib"] = rec["proxy_cpu_s"] / (mib / 1024)
     else:
         rec["error"] = curl_out.strip()[:300] or "curl failed"
     rec["rss_kib"] = int(rss_kib) if rss_kib.isdigit() else None
@@ -161,7 +168,7 @@ def add_upload(raw, contender, workload, rnd, log, offset, curl_out, rss_kib, ex
     rss = f"{int(rss_kib)/1024:.0f} MiB" if rss_kib.isdigit() else "-"
     if "mib_s" in rec:
         cpu = f"  proxy CPU {rec['proxy_cpu_s']:.2f} s" if rec["proxy_cpu_s"] is not None else ""
-        print(f"  {workload:6} {contender:10} round {rnd}: {rec['mib_s']:8.1f} MiB/s  {secs:6.2f} s  peak RSS {rss}{cpu}  check {status}")
+        print(f"  {workload:6} {contender:10} round {rnd}: {rec['mib_s']:8.1f} MiB/s  {rec['seconds']:6.2f} s  peak RSS {rss}{cpu}{extra}  check {status}")
     else:
         print(f"  {workload:6} {contender:10} round {rnd}: FAILED ({rec['error'][:200]})  check {status}")
 
@@ -198,22 +205,7 @@ def add_download(raw, contender, workload, rnd, path, curl_out, rss_kib, size, r
     if contender == "keyhole" and real_n:
         why.append(f"the guest received the real value {real_n} times")
     rec["check"] = {"ok": not why, "why": why, "real_at_guest": real_n, "masked_at_guest": masked_n}
-    if len(parts) >= 3 and parts[0] == "200":
-        secs = float(parts[1])
-        rec["seconds"] = secs
-        rec["mib_s"] = mib / secs if secs > 0 else 0.0
-        if rec["proxy_cpu_s"] is not None:
-            rec["proxy_cpu_s_per_gib"] = rec["proxy_cpu_s"] / (mib / 1024)
-    else:
-        rec["error"] = curl_out.strip()[:300] or "curl failed"
-    rec["rss_kib"] = int(rss_kib) if rss_kib.isdigit() else None
-    append(raw, rec)
-    status = "ok" if not why else "CHECK FAILED: " + "; ".join(why)
-    rss = f"{int(rss_kib)/1024:.0f} MiB" if rss_kib.isdigit() else "-"
-    if "mib_s" in rec:
-        print(f"  {workload:6} {contender:10} round {rnd}: {rec['mib_s']:8.1f} MiB/s  peak RSS {rss}  real values at the guest {real_n}, masked {masked_n}  check {status}")
-    else:
-        print(f"  {workload:6} {contender:10} round {rnd}: FAILED ({rec['error'][:200]})  check {status}")
+    record_transfer(raw, rec, parts, curl_out, mib, rss_kib, why, extra=f"  real values at the guest {real_n}, masked {masked_n}")
 
 
 def add_na(raw, contender, workload, reason):
@@ -221,6 +213,19 @@ def add_na(raw, contender, workload, reason):
 
 
 # ---------------------------------------------------------------- report
+
+def peak_rss(s, contender):
+    """The largest peak RSS over the rounds, in MiB, as a cell ("—" for direct or none)."""
+    rv = [r["rss_kib"] for r in s.get("records", []) if r.get("rss_kib") is not None]
+    return f"{max(rv) / 1024:.0f}" if rv and contender != "direct" else "—"
+
+
+def ratios(s, contender, ref_nginx, ref_direct):
+    """The × nginx and × direct cells of a row."""
+    ratio_n = fmt_ratio(valid(s), ref_nginx) if contender != "nginx" else ("1.00×" if ref_nginx else "—")
+    ratio_d = fmt_ratio(valid(s), ref_direct) if contender != "direct" else ("1.00×" if ref_direct else "—")
+    return ratio_n, ratio_d
+
 
 def fmt_num(x, digits=0):
     if x is None:
@@ -430,13 +435,8 @@ def report(raw, meta_path, out_md, out_png):
         up_n, up_d = valid(up.get("nginx", {})), valid(up.get("direct", {}))
         for c in contenders:
             s = up[c]
-            rss = "—"
-            if "records" in s:
-                rv = [r["rss_kib"] for r in s["records"] if r.get("rss_kib") is not None]
-                if rv and c != "direct":
-                    rss = f"{max(rv) / 1024:.0f}"
-            ratio_n = fmt_ratio(valid(s), up_n) if c != "nginx" else ("1.00×" if up_n else "—")
-            ratio_d = fmt_ratio(valid(s), up_d) if c != "direct" else ("1.00×" if up_d else "—")
+            rss = peak_rss(s, c)
+            ratio_n, ratio_d = ratios(s, c, up_n, up_d)
             cl = cell(s, 1)
             if s["status"] == "n/a":
                 cl = f"n/a ({s['why']})"
@@ -458,18 +458,11 @@ def report(raw, meta_path, out_md, out_png):
     dl_n, dl_d = valid(dl.get("nginx", {})), valid(dl.get("direct", {}))
     for c in contenders:
         s_ = dl[c]
-        rss = "—"
-        real_at = "—"
-        if "records" in s_:
-            rv = [r["rss_kib"] for r in s_["records"] if r.get("rss_kib") is not None]
-            if rv and c != "direct":
-                rss = f"{max(rv) / 1024:.0f}"
-            ra = [r["check"].get("real_at_guest") for r in s_["records"] if r.get("check")]
-            ra = [x for x in ra if x is not None]
-            if ra:
-                real_at = str(max(ra))
-        ratio_n = fmt_ratio(valid(s_), dl_n) if c != "nginx" else ("1.00×" if dl_n else "—")
-        ratio_d = fmt_ratio(valid(s_), dl_d) if c != "direct" else ("1.00×" if dl_d else "—")
+        rss = peak_rss(s_, c)
+        ra = [r["check"].get("real_at_guest") for r in s_.get("records", []) if r.get("check")]
+        ra = [x for x in ra if x is not None]
+        real_at = str(max(ra)) if ra else "—"
+        ratio_n, ratio_d = ratios(s_, c, dl_n, dl_d)
         L.append(f"| {LABELS[c]} | {cell(s_, 1)} | {spread(s_)} | {ratio_n} | {ratio_d} | "
                  f"{med(s_, 'proxy_cpu_s_per_gib', 1, 2)} | {rss} | {real_at} | {check_text(s_)} |")
     L.append("")
