@@ -28,6 +28,26 @@ struct MaskingStream {
         outbox.append((scanned, bytes))
     }
 
+    /// Whether a value may run through `framing`: begun in the undecided content before it
+    /// and continued in it, or begun in it and cut off at its end. Content is scanned
+    /// without its framing (so a value split across chunks or frames is found), which would
+    /// miss a value spelled partly by framing bytes; such a response is refused instead.
+    /// Call after a drain, so what is undecided does not depend on how input was split.
+    func mayCarryValue(through framing: ByteBuffer) -> Bool {
+        let tail = scanner.undecidedBytes
+        let joined = tail + Array(framing.readableBytesView)
+        return joined.withUnsafeBytes { b in
+            for start in 0..<b.count {
+                switch scanner.matcher.match(b, at: start, previous: nil, final: false) {
+                case .none: continue
+                case .needMore: return true  // runs to the end of the framing
+                case .match(_, _, let length): if start + length > tail.count { return true }  // ends inside the framing
+                }
+            }
+            return false
+        }
+    }
+
     mutating func drain(final: Bool, site: MaskSite, secrets: [CompiledSecret], into output: inout MaskOutput) {
         var items: [StreamItem] = []
         scanner.drain(final: final, into: &items)

@@ -232,6 +232,10 @@ public final class ResponseMasker {
 
     private func pass(_ bytes: ByteBuffer, _ output: inout MaskOutput) {
         guard masking else { return output.guest.append(bytes) }
+        stream.drain(final: false, site: site, secrets: secrets, into: &output)
+        if stream.mayCarryValue(through: bytes) {
+            return fail(.valueInResponse, "a value may run through the response's framing (chunk or frame headers)", &output)
+        }
         stream.pass(bytes)
     }
 

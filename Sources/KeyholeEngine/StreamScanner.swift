@@ -58,6 +58,9 @@ struct StreamScanner<Matcher: StreamMatcher> {
 
     var pendingByteCount: Int { pending.reduce(0) { $0 + $1.readableBytes } }
 
+    /// The bytes not yet decided (at most a candidate's lookahead after a drain).
+    var undecidedBytes: [UInt8] { pending.flatMap { Array($0.readableBytesView) } }
+
     /// A new site starts (a request body): the byte before it is no token boundary.
     mutating func startSite() {
         previous = nil

@@ -21,7 +21,7 @@ struct FuzzRegressionTests {
     func replays(_ name: String) throws {
         let data = Array(try Data(contentsOf: URL(fileURLWithPath: Self.directory + "/" + name)))
         let stream = Array(data.dropFirst())
-        if stream.starts(with: "HTTP/1.".utf8) { return try replayResponse(name, stream) }
+        if stream.starts(with: "HTTP/1.".utf8) { return try replayResponse(name, stream, selector: data[0]) }
         let whole = rewrite(bytes: stream, secrets: [token], chunk: nil, upgrade: true)
         for chunk in 1...8 {
             let split = rewrite(bytes: stream, secrets: [token], chunk: chunk, upgrade: true)
@@ -32,13 +32,21 @@ struct FuzzRegressionTests {
 
     /// A response stream (the fuzzer's response mode): split-independent, no value reaches
     /// the guest with masking on, nothing altered with it off.
-    func replayResponse(_ name: String, _ stream: [UInt8]) throws {
+    func replayResponse(_ name: String, _ stream: [UInt8], selector: UInt8) throws {
         let secrets = [
             secret("TOKEN", value: "FUZZ-REAL-VALUE"), secret("OTHER", value: "FUZZ-OTHER-VALUE", hosts: ["other.example.com"]),
         ]
         func run(_ chunk: Int?, masking: Bool) -> ([UInt8], [MaskEvent]) {
             let masker = ResponseMasker(secrets: secrets, masking: masking)
-            for _ in 0..<8 { masker.expect(ExpectedResponse()) }
+            // The requests, as the fuzzer derives them from the first byte.
+            for k in 0..<8 {
+                switch (Int(selector) >> (k % 4)) & 3 {
+                case 1: masker.expect(ExpectedResponse(isHead: true))
+                case 2: masker.expect(ExpectedResponse(upgrade: ["websocket"]))
+                case 3: masker.expect(ExpectedResponse(isConnect: k == 7))
+                default: masker.expect(ExpectedResponse())
+                }
+            }
             var output = MaskOutput()
             let size = chunk ?? stream.count
             var offset = 0
