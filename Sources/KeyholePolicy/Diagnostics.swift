@@ -1,4 +1,5 @@
-/// A position in a policy file, 1-based, as editors count it.
+/// A position in a policy file, 1-based, as editors count it. Line 0 means a policy given
+/// without a file (a command-line flag, the SDK): `file` then names that origin alone.
 public struct SourceLocation: Sendable, Hashable, CustomStringConvertible {
     public var file: String
     public var line: Int
@@ -10,7 +11,7 @@ public struct SourceLocation: Sendable, Hashable, CustomStringConvertible {
         self.column = column
     }
 
-    public var description: String { "\(file):\(line):\(column)" }
+    public var description: String { line == 0 ? file : "\(file):\(line):\(column)" }
 }
 
 /// One problem found in a policy file. Messages never contain a secret's real value.

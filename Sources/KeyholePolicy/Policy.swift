@@ -10,6 +10,10 @@ public struct Policy: Sendable {
     public var file: String
     /// Non-fatal findings (for example `allow_any_host_dangerous: true`).
     public var warnings: [PolicyDiagnostic]
+    /// Where the file set the keys a command-line flag can set too (`name`,
+    /// `network.on_secret_violation`, `guest.image`, `guest.kernel`, `guest.memory_mib`,
+    /// `guest.vcpus`), so that a conflict names both places.
+    public var keyLocations: [String: SourceLocation] = [:]
 
     public init(
         version: Int = 1, name: String, secrets: [Secret], network: NetworkPolicy = NetworkPolicy(),

@@ -43,6 +43,21 @@ public struct PolicyLoader: Sendable {
         policy.warnings = PolicyReader.sorted(reader.diagnostics.filter { $0.severity == .warning })
         return policy
     }
+
+    /// Validates a policy given as values (the SDK's builders, the command line's flags)
+    /// with the same checks and messages as a file. `origin` stands where a file's
+    /// `FILE:LINE:COL` would (`--secret GITHUB_TOKEN@api.github.com: …`); relative paths
+    /// resolve against `baseDirectory`.
+    public func load(document: PolicyDocument, origin: String, baseDirectory: String = ".") throws(PolicyError) -> Policy {
+        let reader = PolicyReader(file: origin, baseDirectory: baseDirectory, environment: environment, positioned: false)
+        let policy = reader.read(root: document.node)
+        let errors = reader.diagnostics.filter { $0.severity == .error }
+        guard errors.isEmpty, var policy else {
+            throw .invalid(errors.isEmpty ? reader.diagnostics : errors)
+        }
+        policy.warnings = reader.diagnostics.filter { $0.severity == .warning }
+        return policy
+    }
 }
 
 enum ProcessEnvironment {
@@ -87,12 +102,18 @@ final class PolicyReader {
     let file: String
     let baseDirectory: String
     let environment: [String: String]
+    /// False for a `PolicyDocument`: its nodes have no position, so diagnostics name only
+    /// the origin and say "earlier" where a file's would say "at line N".
+    let positioned: Bool
     private(set) var diagnostics: [PolicyDiagnostic] = []
+    /// Where the file set the keys the command line can also set (see `Policy.keyLocations`).
+    private(set) var keyLocations: [String: SourceLocation] = [:]
 
-    init(file: String, baseDirectory: String, environment: [String: String]) {
+    init(file: String, baseDirectory: String, environment: [String: String], positioned: Bool = true) {
         self.file = file
         self.baseDirectory = baseDirectory
         self.environment = environment
+        self.positioned = positioned
     }
 
     static func sorted(_ list: [PolicyDiagnostic]) -> [PolicyDiagnostic] {
@@ -109,9 +130,15 @@ final class PolicyReader {
     // MARK: - Diagnostics helpers
 
     func location(_ node: Node?) -> SourceLocation {
+        guard positioned else { return SourceLocation(file: file, line: 0, column: 0) }
         guard let mark = node?.mark else { return SourceLocation(file: file, line: 1, column: 1) }
         return SourceLocation(file: file, line: mark.line, column: mark.column)
     }
+
+    /// " at line N" for a file, "" for a document (which has no lines).
+    func atLine(_ node: Node) -> String { positioned ? " at line \(location(node).line)" : "" }
+
+    func record(_ key: String, _ node: Node) { keyLocations[key] = location(node) }
 
     func error(_ node: Node?, _ message: String) {
         diagnostics.append(PolicyDiagnostic(location(node), message))
@@ -159,7 +186,7 @@ final class PolicyReader {
             }
             let key = scalar.string
             if let first = result.keyNodes[key] {
-                error(keyNode, "duplicate key '\(key)' in \(what) (first given at line \(location(first).line))")
+                error(keyNode, "duplicate key '\(key)' in \(what) (first given\(atLine(first)))")
                 result.rejectedKeys += 1
                 continue
             }
@@ -243,6 +270,10 @@ final class PolicyReader {
             diagnostics.append(PolicyDiagnostic(location(nil), "cannot parse YAML"))
             return nil
         }
+        return read(root: root)
+    }
+
+    func read(root: Node?) -> Policy? {
         guard let root, root.null == nil else {
             error(nil, "the policy file is empty; it needs at least \"version: 1\"")
             return nil
@@ -263,6 +294,7 @@ final class PolicyReader {
 
         var name = PolicyReader.defaultName(forFile: file)
         if let node = top["name"], let value = string(node, "name") {
+            record("name", node)
             if let problem = PolicyReader.nameProblem(value) {
                 error(node, "name \(problem)")
             } else {
@@ -274,7 +306,9 @@ final class PolicyReader {
         let network = top["network"].flatMap(readNetwork) ?? NetworkPolicy()
         let guest = top["guest"].flatMap { readGuest($0, secrets: secrets) }
 
-        return Policy(version: version, name: name, secrets: secrets, network: network, guest: guest, file: file)
+        var policy = Policy(version: version, name: name, secrets: secrets, network: network, guest: guest, file: file)
+        policy.keyLocations = keyLocations
+        return policy
     }
 
     func reportYAML(_ yamlError: YamlError, yaml: String) {
@@ -344,21 +378,20 @@ final class PolicyReader {
             guard let parsed = readSecret(element) else { continue }
             let (secret, envNode, placeholderNode) = parsed
             if let first = envs[secret.env] {
-                error(envNode, "secret env '\(secret.env)' is already defined at line \(location(first).line)")
+                error(envNode, "secret env '\(secret.env)' is already defined\(atLine(first))")
                 continue
             }
             envs[secret.env] = envNode
             var clash = false
             for (other, otherNode) in placeholders {
-                let otherLine = location(otherNode).line
                 if other == secret.placeholder {
-                    error(placeholderNode, "placeholder '\(secret.placeholder)' is already used at line \(otherLine)")
+                    error(placeholderNode, "placeholder '\(secret.placeholder)' is already used\(atLine(otherNode))")
                     clash = true
                 } else if secret.placeholder.hasPrefix(other) || other.hasPrefix(secret.placeholder) {
                     let (short, long) = other.count < secret.placeholder.count ? (other, secret.placeholder) : (secret.placeholder, other)
                     error(
                         placeholderNode,
-                        "placeholder '\(secret.placeholder)' and '\(other)' (line \(otherLine)) overlap: '\(short)' is a prefix of '\(long)'; give one of them a distinct 'placeholder'"
+                        "placeholder '\(secret.placeholder)' and '\(other)'\(positioned ? " (line \(location(otherNode).line))" : "") overlap: '\(short)' is a prefix of '\(long)'; give one of them a distinct 'placeholder'"
                     )
                     clash = true
                 }
@@ -631,6 +664,7 @@ final class PolicyReader {
         guard let f = fields(node, "network", allowed: Schema.network) else { return nil }
         var network = NetworkPolicy()
         if let n = f["on_secret_violation"], let action = oneOf(n, "on_secret_violation", ViolationAction.self) {
+            record("network.on_secret_violation", n)
             network.onSecretViolation = action
         }
         if let n = f["block_response"], let response = oneOf(n, "block_response", BlockResponse.self) {
@@ -734,6 +768,7 @@ final class PolicyReader {
             }
             return resolved
         }
+        for key in ["image", "kernel", "memory_mib", "vcpus"] { if let n = f[key] { record("guest." + key, n) } }
         let kernel = path("kernel")
         let initrd = path("initrd")
         let disk = path("disk")

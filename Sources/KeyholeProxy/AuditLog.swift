@@ -173,6 +173,8 @@ public final class AuditLog: Sendable {
         /// RFC 3164 datagrams to the local syslog socket (`/dev/log`, where journald listens
         /// too), one record each, facility daemon, severity from the record's level.
         case syslog(socket: String)
+        /// Nowhere (the SDK's records go to its observers only).
+        case discard
     }
 
     private let sink: Sink
@@ -182,6 +184,7 @@ public final class AuditLog: Sendable {
         var flushScheduled = false
     }
     private let state: Mutex<State>
+    private let observers = Mutex<[@Sendable (AuditRecord) -> Void]>([])
     /// A batch larger than this is written without waiting for the end of the round.
     static let batchLimit = 64 << 10
 
@@ -189,6 +192,20 @@ public final class AuditLog: Sendable {
     public init() {
         sink = .stderr
         state = Mutex(State(fd: 2))
+    }
+
+    /// Writes nowhere; records reach only the observers (`addObserver`).
+    public static func discarding() -> AuditLog { AuditLog(sink: .discard) }
+
+    private init(sink: Sink) {
+        self.sink = sink
+        state = Mutex(State(fd: -1))
+    }
+
+    /// Calls `observer` with every record written from now on, on the writing thread (an
+    /// event loop: keep it short).
+    public func addObserver(_ observer: @escaping @Sendable (AuditRecord) -> Void) {
+        observers.withLock { $0.append(observer) }
     }
 
     /// `path`: a file, or `syslog` for the local syslog socket.
@@ -211,6 +228,8 @@ public final class AuditLog: Sendable {
     }
 
     public func write(_ record: AuditRecord) {
+        for observer in observers.withLock({ $0 }) { observer(record) }
+        if case .discard = sink { return }
         var line: [UInt8] = []
         record.appendJSONLine(to: &line, time: Date())
         if case .syslog(let socket) = sink {

@@ -141,6 +141,36 @@ struct LauncherEndToEndTests {
         try expectCleanedUp(harness, rulesBefore: before)
     }
 
+    /// The reference pages' CLI: no policy file, one `--secret ENV@HOST`, the value from the
+    /// host's environment.
+    @Test func keyholeRunWithSecretFlagsAndNoPolicyFile() throws {
+        try Self.image.get()
+        let harness = try ProxyHarness(mode: .launcher)
+        defer { harness.close() }
+        let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        let before = try harness.appliance("nft list ruleset; iptables-nft-save | grep -v '^#'").stdout
+        let script = """
+            echo "TOKEN=$TOKEN"
+            curl -sS --max-time 20 -H "Authorization: Bearer $TOKEN" https://api.example.test/flags
+            """
+        let out = harness.directory + "/flags.out", err = harness.directory + "/flags.err"
+        let arguments = [
+            "ip", "netns", "exec", harness.applianceNamespace, "env", "TOKEN=\(Self.realValue)", CLI.binary, "run", "--state-dir", Self.state,
+            "--audit-log", harness.auditLog, "--name", "lf\(harness.shortID)", "--secret", "TOKEN@api.example.test",
+            "--upstream-ca", harness.directory + "/upca.pem", "--on-secret-violation", "block-and-log", "--memory", "256", "--", "sh", "-c", script,
+        ]
+        let line = "exec " + arguments.map(harness.shellQuote).joined(separator: " ") + " >\(out) 2>\(err)"
+        let process = try harness.spawn("/bin/sh", ["-c", line], stdout: harness.directory + "/flags.sh.out")
+        harness.processes.append(process)
+        let status = wait(Run(process: process, stdout: out, stderr: err))
+        let stdout = text(out), stderr = text(err)
+        #expect(status == 0, "stdout:\n\(stdout)\nstderr:\n\(stderr)")
+        #expect(stdout.contains("TOKEN=$MSB_TOKEN\nok"), "\(stdout)\n\(stderr)")
+        #expect(harness.header(harness.records(log).first ?? [:], "Authorization") == "Bearer \(Self.realValue)")
+        for text in [stdout, stderr, text(harness.auditLog)] { #expect(!text.contains(Self.realValue)) }
+        try expectCleanedUp(harness, rulesBefore: before)
+    }
+
     @Test func sigintStopsTheGuestAndRemovesTheTAPAndRules() throws {
         let harness = try ProxyHarness(mode: .launcher)
         defer { harness.close() }

@@ -51,6 +51,8 @@ struct ProxyCommand: AsyncParsableCommand {
 
     @OptionGroup var state: StateOptions
 
+    @OptionGroup var secretFlags: SecretFlags
+
     @Option(help: ArgumentHelp("Append audit events (JSON lines) to this file (reopened on SIGUSR1), or `syslog` for the local syslog socket (/dev/log, journald too); default: stderr.", valueName: "file"))
     var auditLog: String?
 
@@ -78,9 +80,11 @@ struct ProxyCommand: AsyncParsableCommand {
         if Set(interfaces).count != interfaces.count { throw ValidationError("each --interface may be given once") }
         if listen == nil && interfaces.isEmpty { throw ValidationError("give --interface IFACE (appliance) or --listen HOST:PORT (your own rules)") }
         if listen != nil && !interfaces.isEmpty { throw ValidationError("--listen and --interface exclude each other") }
-        if policies.isEmpty { throw ValidationError("missing --policy FILE") }
-        if listen != nil && policies.count != 1 { throw ValidationError("--listen serves one --policy") }
-        if !interfaces.isEmpty && policies.count != interfaces.count {
+        let flagsOnly = policies.isEmpty && !secretFlags.commandLine.isEmpty
+        if policies.isEmpty && !flagsOnly { throw ValidationError("missing --policy FILE (or flags: --secret ENV@HOST)") }
+        if flagsOnly && interfaces.count > 1 { throw ValidationError("with several --interface, give one --policy per interface (flags apply to each)") }
+        if listen != nil && policies.count > 1 { throw ValidationError("--listen serves one --policy") }
+        if !interfaces.isEmpty && !flagsOnly && policies.count != interfaces.count {
             throw ValidationError("give one --policy per --interface, in the same order (\(interfaces.count) interfaces, \(policies.count) policies)")
         }
         if !interfaces.isEmpty && (Int(proxyPort) + interfaces.count - 1 > 65535 || Int(queueNum) + interfaces.count - 1 > 65535) {
@@ -114,9 +118,12 @@ struct ProxyCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        let flags = secretFlags.commandLine
+        // Each policy file with the flags merged in; with no file, the flags alone.
+        let sources: [String?] = policies.isEmpty ? [nil] : policies
         var loaded: [Policy] = []
-        for path in policies {
-            let policy = try PolicyFile.load(path)
+        for path in sources {
+            let policy = try PolicyFile.load(path, flags: flags)
             for warning in policy.warnings { Output.err(warning.description) }
             loaded.append(policy)
         }
@@ -185,7 +192,7 @@ struct ProxyCommand: AsyncParsableCommand {
                 }
             case .reload:
                 SystemdNotify.send("RELOADING=1\nMONOTONIC_USEC=\(SystemdNotify.monotonicMicroseconds)")
-                served.reload(policies)
+                served.reload(sources, flags: flags)
                 SystemdNotify.send("READY=1\nSTATUS=" + served.status)
             case .terminate(let reason, let interface):
                 exitCode = 4
@@ -286,19 +293,21 @@ enum Served {
         }
     }
 
-    /// SIGHUP: each policy file is reloaded; an invalid one is refused and keeps running.
-    func reload(_ paths: [String]) {
-        let targets: [(String, (Policy) -> Void)]
+    /// SIGHUP: each policy file is reloaded (the flags merged in again); an invalid one is
+    /// refused and keeps running.
+    func reload(_ paths: [String?], flags: CommandLinePolicy) {
+        let targets: [(String?, (Policy) -> Void)]
         switch self {
         case .listener(let server): targets = [(paths[0], server.reload(policy:))]
         case .interfaces(let guards, _): targets = zip(paths, guards).map { ($0, $1.reload(policy:)) }
         }
         for (path, apply) in targets {
+            let shown = path ?? "the command line's policy"
             do {
-                apply(try PolicyLoader().load(file: path))
-                Output.err("keyhole proxy: reloaded \(path) for new connections")
+                apply(try flags.apply(to: path.map { path throws(PolicyError) in try PolicyLoader().load(file: path) }))
+                Output.err("keyhole proxy: reloaded \(shown) for new connections")
             } catch {
-                Output.err("keyhole proxy: kept the running policy; \(path) is invalid:")
+                Output.err("keyhole proxy: kept the running policy; \(shown) is invalid:")
                 for diagnostic in error.diagnostics { Output.err(diagnostic.description) }
             }
         }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import KeyholePolicy
 
 struct PolicyCommand: ParsableCommand {
@@ -74,6 +75,55 @@ enum PolicyFile {
     static func load(_ path: String) throws -> Policy {
         do {
             return try PolicyLoader().load(file: path)
+        } catch {
+            for diagnostic in error.diagnostics { Output.err(diagnostic.description) }
+            throw ExitCode(2)
+        }
+    }
+}
+
+/// The policy flags `keyhole run` and `keyhole proxy` share (the reference pages' CLI).
+struct SecretFlags: ParsableArguments {
+    @Option(
+        name: .customLong("secret"),
+        help: ArgumentHelp(
+            "A secret: ENV@HOST[,HOST…] reads the real value from the host's $ENV (recommended); ENV=VALUE@HOST[,HOST…] gives it inline, where anyone who can list processes (ps) sees it. The guest gets $MSB_ENV in ENV. Repeatable.",
+            valueName: "env@host"))
+    var secrets: [String] = []
+
+    @Option(
+        name: .customLong("secret-pattern"),
+        help: ArgumentHelp("Hosts for a secret by pattern: ENV@*.domain[,*.other] (one or more labels under the domain). Repeatable.", valueName: "env@*.domain"))
+    var secretPatterns: [String] = []
+
+    @Option(help: ArgumentHelp("block, block-and-log or block-and-terminate (default block).", valueName: "action"))
+    var onSecretViolation: String?
+
+    @Option(name: .customLong("upstream-ca"), help: ArgumentHelp("An extra PEM trust root for upstream servers. Repeatable.", valueName: "file"))
+    var upstreamCA: [String] = []
+
+    @Option(help: ArgumentHelp("A trusted resolver the guest's DNS goes to (default: the host's). Repeatable.", valueName: "ip"))
+    var dns: [String] = []
+
+    var commandLine: CommandLinePolicy {
+        var flags = CommandLinePolicy()
+        flags.secrets = secrets
+        flags.secretPatterns = secretPatterns
+        flags.onSecretViolation = onSecretViolation
+        flags.upstreamCA = upstreamCA
+        flags.dns = dns
+        flags.workingDirectory = FileManager.default.currentDirectoryPath
+        return flags
+    }
+}
+
+extension PolicyFile {
+    /// The policy file (if any) with the command line's flags merged in; problems are
+    /// printed (`FILE:LINE:COL: message`, `--secret …: message`) and the command exits 2.
+    static func load(_ path: String?, flags: CommandLinePolicy) throws -> Policy {
+        let file = try path.map { try load($0) }
+        do {
+            return try flags.apply(to: file)
         } catch {
             for diagnostic in error.diagnostics { Output.err(diagnostic.description) }
             throw ExitCode(2)

