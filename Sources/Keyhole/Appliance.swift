@@ -18,10 +18,10 @@ import Synchronization
 /// // give the guest appliance.placeholders and trust appliance.caCertificatePath
 /// await appliance.stop()
 /// ```
-public final class ApplianceBuilder {
+public final class ApplianceBuilder: NetworkConfigurable {
     let interface: String
     var name: String?
-    var settings = NetworkSettings()
+    public var networkSettings = NetworkSettings()
     var stateDirectory: String?
     var audit: AuditDestination = .standardError
     var proxyPort: UInt16 = 15001
@@ -32,31 +32,10 @@ public final class ApplianceBuilder {
     /// The sandbox name in audit events and metrics. Default: the interface's name.
     @discardableResult public func name(_ name: String) -> ApplianceBuilder { self.name = name; return self }
 
-    /// Adds a secret configured by `SecretBuilder`.
-    @discardableResult public func secret(_ configure: (SecretBuilder) throws -> SecretBuilder) rethrows -> ApplianceBuilder {
-        settings.secrets.append(try configure(SecretBuilder()).build())
-        return self
-    }
 
-    /// Adds a secret.
-    @discardableResult public func secret(_ entry: SecretEntry) -> ApplianceBuilder { settings.secrets.append(entry); return self }
 
-    /// A secret with the placeholder `$MSB_<envVar>`, allowed for one host.
-    @discardableResult public func secretEnv(_ envVar: String, value: String, allowedHost: String) -> ApplianceBuilder {
-        secret(SecretEntry(envVar: envVar, value: value, allowedHosts: [allowedHost]))
-    }
 
-    /// The network: secrets, the violation action, trust roots, resolvers.
-    @discardableResult public func network(_ configure: (NetworkBuilder) throws -> NetworkBuilder) rethrows -> ApplianceBuilder {
-        settings = try configure(NetworkBuilder(settings)).settings
-        return self
-    }
 
-    /// Shorthand for `network { $0.onSecretViolation(action) }`.
-    @discardableResult public func onSecretViolation(_ action: ViolationAction) -> ApplianceBuilder {
-        settings.onSecretViolation = action
-        return self
-    }
 
     /// Where the sandbox CA lives. Default `$KEYHOLE_STATE_DIR`, else `/var/lib/keyhole`.
     @discardableResult public func stateDirectory(_ path: String) -> ApplianceBuilder { stateDirectory = path; return self }
@@ -71,7 +50,7 @@ public final class ApplianceBuilder {
     public func policy() throws(SandboxError) -> Policy {
         let fallback = PolicyLoaderName.valid(interface) ? interface : "appliance"
         return try Sandbox.validate(
-            [("name", .string(name ?? fallback)), ("secrets", .list(settings.secrets.map(\.document))), ("network", settings.document)],
+            [("name", .string(name ?? fallback)), ("secrets", .list(networkSettings.secrets.map(\.document))), ("network", networkSettings.document)],
             origin: "appliance on \(interface)")
     }
 

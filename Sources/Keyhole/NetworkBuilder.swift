@@ -27,39 +27,65 @@ public struct NetworkSettings: Sendable, Hashable {
     }
 }
 
+/// What every builder that takes secrets shares (`SandboxBuilder`, `ApplianceBuilder`,
+/// `NetworkBuilder`): the settings so far, and the setters of the reference pages, each
+/// returning the same builder.
+public protocol SecretsConfigurable: AnyObject {
+    /// The network settings the builder holds so far.
+    var networkSettings: NetworkSettings { get set }
+}
+
+extension SecretsConfigurable {
+    /// Adds a secret configured by `SecretBuilder`.
+    @discardableResult public func secret(_ configure: (SecretBuilder) throws -> SecretBuilder) rethrows -> Self {
+        networkSettings.secrets.append(try configure(SecretBuilder()).build())
+        return self
+    }
+
+    /// Adds a secret.
+    @discardableResult public func secret(_ entry: SecretEntry) -> Self {
+        networkSettings.secrets.append(entry)
+        return self
+    }
+
+    /// A secret with the placeholder `$MSB_<envVar>`, allowed for one host.
+    @discardableResult public func secretEnv(_ envVar: String, value: String, allowedHost: String) -> Self {
+        secret(SecretEntry(envVar: envVar, value: value, allowedHosts: [allowedHost]))
+    }
+
+    /// `secretEnv(envVar, value, allowedHost)`, positionally, as the reference pages write it.
+    @discardableResult public func secretEnv(_ envVar: String, _ value: String, _ allowedHost: String) -> Self {
+        secretEnv(envVar, value: value, allowedHost: allowedHost)
+    }
+
+    /// The action for a placeholder sent where it may not go. Default `.block`.
+    @discardableResult public func onSecretViolation(_ action: ViolationAction) -> Self {
+        networkSettings.onSecretViolation = action
+        return self
+    }
+}
+
+/// Builders with a network of their own to configure (`SandboxBuilder`, `ApplianceBuilder`).
+public protocol NetworkConfigurable: SecretsConfigurable {}
+
+extension NetworkConfigurable {
+    /// The network: secrets, the violation action, trust roots, resolvers.
+    @discardableResult public func network(_ configure: (NetworkBuilder) throws -> NetworkBuilder) rethrows -> Self {
+        networkSettings = try configure(NetworkBuilder(networkSettings)).networkSettings
+        return self
+    }
+}
+
 /// Builds `NetworkSettings`; used inside `SandboxBuilder.network { … }` and
 /// `ApplianceBuilder.network { … }`. Every setter returns the same builder.
 ///
 /// ```swift
 /// .network { $0.onSecretViolation(.blockAndLog).secretEnv("API_KEY", value: key, placeholder: "$API_KEY", allowedHost: "api.example.com") }
 /// ```
-public final class NetworkBuilder {
-    public private(set) var settings: NetworkSettings
+public final class NetworkBuilder: SecretsConfigurable {
+    public var networkSettings: NetworkSettings
 
-    public init(_ settings: NetworkSettings = NetworkSettings()) { self.settings = settings }
-
-    /// The action for a placeholder sent where it may not go. Default `.block`.
-    @discardableResult public func onSecretViolation(_ action: ViolationAction) -> NetworkBuilder {
-        settings.onSecretViolation = action
-        return self
-    }
-
-    /// Adds a secret configured by `SecretBuilder`.
-    @discardableResult public func secret(_ configure: (SecretBuilder) throws -> SecretBuilder) rethrows -> NetworkBuilder {
-        settings.secrets.append(try configure(SecretBuilder()).build())
-        return self
-    }
-
-    /// Adds a secret.
-    @discardableResult public func secret(_ entry: SecretEntry) -> NetworkBuilder {
-        settings.secrets.append(entry)
-        return self
-    }
-
-    /// A secret with the placeholder `$MSB_<envVar>`, allowed for one host.
-    @discardableResult public func secretEnv(_ envVar: String, value: String, allowedHost: String) -> NetworkBuilder {
-        secret(SecretEntry(envVar: envVar, value: value, allowedHosts: [allowedHost]))
-    }
+    public init(_ settings: NetworkSettings = NetworkSettings()) { networkSettings = settings }
 
     /// A secret with an explicit placeholder, allowed for one host.
     @discardableResult public func secretEnv(_ envVar: String, value: String, placeholder: String, allowedHost: String) -> NetworkBuilder {
@@ -71,33 +97,28 @@ public final class NetworkBuilder {
         secretEnv(envVar, value: value, placeholder: placeholder, allowedHost: allowedHost)
     }
 
-    /// `secretEnv(envVar, value, allowedHost)`, positionally.
-    @discardableResult public func secretEnv(_ envVar: String, _ value: String, _ allowedHost: String) -> NetworkBuilder {
-        secretEnv(envVar, value: value, allowedHost: allowedHost)
-    }
-
     /// What the guest gets for a blocked request: `.reset` (default) or `.http` (a `403`
     /// with a JSON reason, where Keyhole can still answer).
     @discardableResult public func blockResponse(_ response: BlockResponse) -> NetworkBuilder {
-        settings.blockResponse = response
+        networkSettings.blockResponse = response
         return self
     }
 
     /// An extra PEM trust root for verifying upstream servers.
     @discardableResult public func upstreamCA(_ path: String) -> NetworkBuilder {
-        settings.upstreamCA.append(path)
+        networkSettings.upstreamCA.append(path)
         return self
     }
 
     /// A trusted resolver for the guest's DNS.
     @discardableResult public func dns(_ address: String) -> NetworkBuilder {
-        settings.dns.append(address)
+        networkSettings.dns.append(address)
         return self
     }
 
     /// A host (or `*.domain`) whose TLS is relayed untouched.
     @discardableResult public func tlsBypass(_ host: String) -> NetworkBuilder {
-        settings.tlsBypass.append(host)
+        networkSettings.tlsBypass.append(host)
         return self
     }
 }

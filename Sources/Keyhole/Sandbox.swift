@@ -122,6 +122,11 @@ public final class Sandbox: Sendable {
         try await run(["sh", "-c", script], timeout: timeout)
     }
 
+    /// `run([program] + arguments)`.
+    public func run(_ program: String, _ arguments: [String], timeout: Duration? = nil) async throws -> RunResult {
+        try await run([program] + arguments, timeout: timeout)
+    }
+
     /// A command line for the guest's shell: `run(["sh", "-c", commandLine])`.
     public func run(_ commandLine: String, timeout: Duration? = nil) async throws -> RunResult {
         try await shell(commandLine, timeout: timeout)

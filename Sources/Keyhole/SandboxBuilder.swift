@@ -37,7 +37,7 @@ public enum AuditDestination: Sendable, Hashable {
 /// ```
 ///
 /// `create()` checks the whole configuration with the policy file's rules and messages.
-public final class SandboxBuilder {
+public final class SandboxBuilder: NetworkConfigurable {
     let name: String
     var image: SandboxImage = .builtin
     /// An image given by name that is not `builtin`: refused by `policy()` with the file's message.
@@ -46,7 +46,7 @@ public final class SandboxBuilder {
     var vcpus: Int?
     var accelerator: String?
     var environment: [(String, String)] = []
-    var settings = NetworkSettings()
+    public var networkSettings = NetworkSettings()
     var stateDirectory: String?
     var audit: AuditDestination = .standardError
     var progress: (@Sendable (String) -> Void)?
@@ -75,36 +75,11 @@ public final class SandboxBuilder {
     /// A plain (non-secret) guest environment variable.
     @discardableResult public func env(_ name: String, _ value: String) -> SandboxBuilder { environment.append((name, value)); return self }
 
-    /// Adds a secret configured by `SecretBuilder`.
-    @discardableResult public func secret(_ configure: (SecretBuilder) throws -> SecretBuilder) rethrows -> SandboxBuilder {
-        settings.secrets.append(try configure(SecretBuilder()).build())
-        return self
-    }
 
-    /// Adds a secret.
-    @discardableResult public func secret(_ entry: SecretEntry) -> SandboxBuilder { settings.secrets.append(entry); return self }
 
-    /// A secret with the placeholder `$MSB_<envVar>`, allowed for one host.
-    @discardableResult public func secretEnv(_ envVar: String, value: String, allowedHost: String) -> SandboxBuilder {
-        secret(SecretEntry(envVar: envVar, value: value, allowedHosts: [allowedHost]))
-    }
 
-    /// `secretEnv(envVar, value, allowedHost)`, positionally, as the reference pages write it.
-    @discardableResult public func secretEnv(_ envVar: String, _ value: String, _ allowedHost: String) -> SandboxBuilder {
-        secretEnv(envVar, value: value, allowedHost: allowedHost)
-    }
 
-    /// The network: secrets, the violation action, trust roots, resolvers.
-    @discardableResult public func network(_ configure: (NetworkBuilder) throws -> NetworkBuilder) rethrows -> SandboxBuilder {
-        settings = try configure(NetworkBuilder(settings)).settings
-        return self
-    }
 
-    /// Shorthand for `network { $0.onSecretViolation(action) }`.
-    @discardableResult public func onSecretViolation(_ action: ViolationAction) -> SandboxBuilder {
-        settings.onSecretViolation = action
-        return self
-    }
 
     /// Where the sandbox CA and the builtin image live. Default `$KEYHOLE_STATE_DIR`, else
     /// `/var/lib/keyhole`.
@@ -143,7 +118,7 @@ public final class SandboxBuilder {
         if let accelerator { guest.append(("accel", .string(accelerator))) }
         if !environment.isEmpty { guest.append(("env", .map(environment.map { ($0.0, .string($0.1)) }))) }
         return try Sandbox.validate(
-            [("name", .string(name)), ("secrets", .list(settings.secrets.map(\.document))), ("network", settings.document), ("guest", .map(guest))],
+            [("name", .string(name)), ("secrets", .list(networkSettings.secrets.map(\.document))), ("network", networkSettings.document), ("guest", .map(guest))],
             origin: "sandbox '\(name)'")
     }
 }
