@@ -224,11 +224,14 @@ struct ProxyCommand: AsyncParsableCommand {
             let (name, ip) = Self.parsePin(pin)!
             dns.record(name: name, address: ip, ttl: UInt32(Int32.max))
         }
+        var configuration = ProxyConfiguration(
+            listen: try Self.parseAddress(listen), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
+            firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)),
+            headTimeout: .milliseconds(Int64(headTimeout * 1000)))
+        // A guest's CONNECT host is resolved through network.dns, else this host's resolvers.
+        configuration.tunnelResolver = (try? GuestAddressing.trustedResolvers(for: policy)).map { TrustedResolver(servers: $0) }
         let server = ProxyServer(
-            configuration: ProxyConfiguration(
-                listen: try Self.parseAddress(listen), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
-                firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)),
-                headTimeout: .milliseconds(Int64(headTimeout * 1000))),
+            configuration: configuration,
             policy: policy, tls: try InterceptionTLS(ca: ca, upstreamCAFiles: policy.network.upstreamCA), dns: dns, audit: audit,
             metrics: metrics, onTerminate: { reason in events.yield(.terminate(reason, interface: nil)) })
         let bound = try await server.start()

@@ -70,6 +70,8 @@ public final class GuardedInterface: Sendable {
             listen: try SocketAddress(ipAddress: "0.0.0.0", port: Int(settings.proxyPort)), upstreamMark: settings.upstreamMark,
             firstFlightTimeout: settings.firstFlightTimeout, headTimeout: settings.headTimeout)
         configuration.alsoIPv6 = true
+        // A guest's CONNECT goes to what these resolvers say its host is.
+        configuration.tunnelResolver = TrustedResolver(servers: resolvers)
         // Egress `public` keeps guests away from the appliance itself: every address this
         // host has now, and the gateway it is about to get.
         configuration.applianceAddresses = Set(LocalAddresses.all() + (policy.network.gateway.map { [$0.address] } ?? []))

@@ -36,6 +36,21 @@ public enum DNSMessage {
     static let typeAAAA: UInt16 = 28
     static let classIN: UInt16 = 1
 
+    /// A recursive query for `name` (A when `ipv6` is false, else AAAA), as a UDP payload.
+    /// Nil for a name that is not a valid DNS name (labels of 1–63 bytes, 253 in all).
+    public static func query(id: UInt16, name: String, ipv6: Bool) -> [UInt8]? {
+        let labels = name.split(separator: ".", omittingEmptySubsequences: false)
+        guard name.utf8.count <= 253, !labels.isEmpty, labels.allSatisfy({ (1...63).contains($0.utf8.count) }) else { return nil }
+        var bytes: [UInt8] = [UInt8(id >> 8), UInt8(id & 0xFF), 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]
+        for label in labels {
+            bytes.append(UInt8(label.utf8.count))
+            bytes += label.utf8
+        }
+        let type = ipv6 ? typeAAAA : typeA
+        bytes += [0, UInt8(type >> 8), UInt8(type & 0xFF), 0, UInt8(classIN)]
+        return bytes
+    }
+
     /// Parses a DNS response (UDP payload; strip the 2-byte length for TCP first).
     public static func parseResponse(_ bytes: [UInt8]) throws(DNSParseError) -> DNSResolution {
         var reader = Reader(bytes: bytes)

@@ -5,6 +5,11 @@ import NIOCore
 /// destination, checks egress, has the `Session` connect upstream at once, buffers the
 /// guest's first bytes, and hands the connection over once the pipelines are built,
 /// replaying every byte it read (then it removes itself).
+///
+/// A first request `CONNECT host:port` is answered here: the head is checked, the host
+/// resolved through a trusted resolver (and pinned), egress checked, `200` sent, and the
+/// tunnel's first bytes classified as a fresh flow to that address by a new machine and a
+/// new `Session` (one level deep: a CONNECT inside the tunnel is refused).
 final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -14,6 +19,8 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var session: Session?
     private var timeout: Scheduled<Void>?
     private var context: ChannelHandlerContext?
+    /// Inside a CONNECT tunnel Keyhole answered.
+    private var inTunnel = false
 
     init(shared: ProxyShared) {
         self.shared = shared
@@ -42,13 +49,18 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
                 channel.reset()
             }
         }
-        timeout = context.eventLoop.assumeIsolated().scheduleTask(in: shared.configuration.firstFlightTimeout) {
-            self.perform(self.machine.timeout())
-        }
+        scheduleFirstFlightTimeout(context)
         context.fireChannelActive()
     }
 
-    private func destinationKnown(_ address: SocketAddress, channel: any Channel) {
+    private func scheduleFirstFlightTimeout(_ context: ChannelHandlerContext) {
+        timeout?.cancel()
+        timeout = context.eventLoop.assumeIsolated().scheduleTask(in: shared.configuration.firstFlightTimeout) {
+            self.perform(self.machine.timeout())
+        }
+    }
+
+    private func destinationKnown(_ address: SocketAddress, channel: any Channel, tunnelHost: String? = nil) {
         // A flow addressed to the proxy itself was not redirected: nothing to relay to.
         if address == channel.localAddress {
             channel.reset()
@@ -65,6 +77,7 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         session = Session(id: shared.newConnectionID(), shared: shared, guest: channel, destination: address, policy: shared.policy)
+        session?.tunnelHost = tunnelHost
         perform(machine.destinationKnown())
     }
 
@@ -79,7 +92,8 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// The upstream sent its first bytes before the pipelines were built.
-    func upstreamSpoke() {
+    func upstreamSpoke(from speaker: Session) {
+        guard speaker === session else { return }
         perform(machine.upstreamSpoke())
     }
 
@@ -90,6 +104,8 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .connect:
                 guard let session else { continue }
                 session.connectUpstream(firstFlight: self).assumeIsolated().whenComplete { result in
+                    // A flow that became a CONNECT tunnel has a new session by now.
+                    guard self.session === session else { return }
                     switch result {
                     case .success: self.perform(self.machine.upstreamConnected())
                     case .failure: self.perform(self.machine.upstreamFailed())
@@ -115,8 +131,73 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
             case .reset:
                 session?.abort()
                 context.channel.reset()
+            case .tunnel:
+                timeout?.cancel()
+                guard let session, let request = machine.takeTunnelRequest() else { continue }
+                openTunnel(request, session: session, context: context)
             }
         }
+    }
+
+    /// Answers the guest's `CONNECT` and starts the flow inside the tunnel.
+    private func openTunnel(_ request: ByteBuffer, session: Session, context: ChannelHandlerContext) {
+        let bytes = Array(request.readableBytesView)
+        let end = FirstFlightStateMachine.headEnd(in: bytes) ?? bytes.count
+        let head = request.getSlice(at: request.readerIndex, length: end)!
+        let rest = request.getSlice(at: request.readerIndex + end, length: request.readableBytes - end)!
+        if inTunnel {
+            session.record(.warn, "tunnel-refused", reason: "a CONNECT inside a CONNECT tunnel", action: "reset")
+            session.abort()
+            return
+        }
+        // Refused (audited, the guest reset), or on to the CONNECT host: either way the
+        // original destination's connection is not used.
+        guard let target = session.tunnelTarget(head: head) else { return }
+        session.discardUpstream()
+        let channel = context.channel
+        switch target {
+        case .address(let address, let port):
+            startTunnel(to: [address], port: port, host: nil, rest: rest, session: session, channel: channel)
+        case .name(let host, let port):
+            guard let resolver = shared.configuration.tunnelResolver else {
+                session.record(.warn, "tunnel-refused", reason: "no trusted resolver for CONNECT hosts", action: "reset", detail: host)
+                channel.reset()
+                return
+            }
+            resolver.resolve(host, on: channel.eventLoop).hop(to: channel.eventLoop).assumeIsolated().whenComplete { result in
+                let found = (try? result.get()) ?? []
+                for (address, ttl) in found { self.shared.dns.record(name: host, address: address, ttl: ttl) }
+                guard !found.isEmpty else {
+                    session.record(.warn, "tunnel-refused", reason: "the CONNECT host does not resolve through a trusted resolver", action: "reset", detail: host)
+                    channel.reset()
+                    return
+                }
+                self.startTunnel(to: found.map(\.address), port: port, host: host, rest: rest, session: session, channel: channel)
+            }
+        }
+    }
+
+    private func startTunnel(to addresses: [IPAddress], port: Int, host: String?, rest: ByteBuffer, session: Session, channel: any Channel) {
+        guard let context, channel.isActive else { return }
+        // The first address egress allows (its decision is audited if none is).
+        let candidates = addresses.compactMap { try? SocketAddress(ipAddress: $0.description, port: port) }
+        guard let address = candidates.first(where: { shared.egressDecision(for: $0).isAllowed }) else {
+            let rule: String
+            if let first = candidates.first, case .denied(let denied) = shared.egressDecision(for: first) { rule = denied } else { rule = "no address" }
+            shared.metrics.egressDenied.increment()
+            session.record(.warn, "egress-denied", reason: rule, action: "reset", detail: "CONNECT \(host ?? addresses.first?.description ?? "?"):\(port)")
+            channel.reset()
+            return
+        }
+        session.record(.info, "tunnel", action: "answered", detail: "CONNECT \(host ?? address.keyholeIP?.description ?? "?"):\(port) → \(address.keyholeIP?.description ?? "?")")
+        inTunnel = true
+        machine = FirstFlightStateMachine()
+        channel.writeAndFlush(ByteBuffer(string: "HTTP/1.1 200 Connection established\r\n\r\n"), promise: nil)
+        scheduleFirstFlightTimeout(context)
+        destinationKnown(address, channel: channel, tunnelHost: host)
+        if rest.readableBytes > 0 { perform(machine.guestRead(rest)) }
+        channel.setOption(.autoRead, value: true).whenFailure { _ in }
+        channel.read()
     }
 
     /// Replays what was read to the pipeline that now follows, removes itself, reads again.

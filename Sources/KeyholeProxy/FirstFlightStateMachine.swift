@@ -12,6 +12,10 @@ import NIOCore
 /// 3. Classified and connected: the rest of the pipelines is built. Meanwhile the guest is
 ///    not read (`stopReading`), and every byte already read is kept, to be replayed, in
 ///    order, once the pipelines are ready. Nothing read before the decision is lost.
+/// 4. A first request `CONNECT host:port` (a guest behind an explicit proxy, `HTTPS_PROXY`)
+///    is answered by Keyhole itself: whatever the original destination does (it may not
+///    even listen), the tunnel's first bytes are then classified as a fresh flow to the
+///    CONNECT host (`tunnel`).
 struct FirstFlightStateMachine {
     enum Kind: Equatable, Sendable {
         case tls(serverName: String?)
@@ -28,6 +32,9 @@ struct FirstFlightStateMachine {
         case setUp(Kind)
         /// Nothing to relay to: reset the guest.
         case reset(reason: String)
+        /// The guest's first request is a `CONNECT`, whole in `takeBuffered()`: Keyhole
+        /// answers it; the original destination's connection is not used.
+        case tunnel
     }
 
     enum State: Equatable {
@@ -39,9 +46,20 @@ struct FirstFlightStateMachine {
         case connected
         /// Pipelines being built; the guest is not read.
         case settingUp(Kind)
+        /// The original destination could not be reached before the guest said anything:
+        /// only a `CONNECT` (which does not need it) can still go on.
+        case upstreamLost
+        /// A `CONNECT` is being answered.
+        case tunneling
         /// Handed over to the relay.
         case done
         case failed
+    }
+
+    /// What the first bytes are: a flow of some kind, or a whole `CONNECT` request head.
+    enum Classification: Equatable {
+        case flow(Kind)
+        case connect
     }
 
     /// The most guest bytes a classification needs: the largest ClientHello record (16 KiB
@@ -59,11 +77,16 @@ struct FirstFlightStateMachine {
         guard state == .idle else { return [] }
         state = .connecting(kind: nil)
         // Bytes may have arrived before the destination was read.
-        if let kind = classify() {
+        switch classify() {
+        case .flow(let kind)?:
             state = .connecting(kind: kind)
             return [.connect, .stopReading]
+        case .connect?:
+            state = .tunneling
+            return [.stopReading, .tunnel]
+        case nil:
+            return [.connect]
         }
-        return [.connect]
     }
 
     /// The guest sent bytes.
@@ -77,15 +100,27 @@ struct FirstFlightStateMachine {
         switch state {
         case .idle:
             return bufferedBytes > Self.maxBuffered ? [.stopReading] : []
-        case .connecting(kind: nil):
-            guard let kind = classify() else { return bufferedBytes > Self.maxBuffered ? [.stopReading] : [] }
-            state = .connecting(kind: kind)
-            return [.stopReading]
-        case .connected:
-            guard let kind = classify() else { return bufferedBytes > Self.maxBuffered ? [.stopReading] : [] }
-            state = .settingUp(kind)
-            return [.stopReading, .setUp(kind)]
-        case .connecting, .settingUp, .done, .failed:
+        case .connecting(kind: nil), .connected, .upstreamLost:
+            switch classify() {
+            case nil:
+                return bufferedBytes > Self.maxBuffered ? [.stopReading] : []
+            case .connect?:
+                state = .tunneling
+                return [.stopReading, .tunnel]
+            case .flow(let kind)?:
+                switch state {
+                case .connected:
+                    state = .settingUp(kind)
+                    return [.stopReading, .setUp(kind)]
+                case .upstreamLost:
+                    state = .failed
+                    return [.reset(reason: "upstream unavailable")]
+                default:
+                    state = .connecting(kind: kind)
+                    return [.stopReading]
+                }
+            }
+        case .connecting, .settingUp, .tunneling, .done, .failed:
             // Kept for the replay (reads already in flight when reading stopped).
             return []
         }
@@ -122,12 +157,30 @@ struct FirstFlightStateMachine {
         timedOut = true
         switch state {
         case .connected:
-            guard let kind = classify() else { return [] }
-            state = .settingUp(kind)
-            return [.stopReading, .setUp(kind)]
+            switch classify() {
+            case .flow(let kind)?:
+                state = .settingUp(kind)
+                return [.stopReading, .setUp(kind)]
+            case .connect?:
+                state = .tunneling
+                return [.stopReading, .tunnel]
+            case nil:
+                return []
+            }
         case .connecting(nil):
-            if let kind = classify() { state = .connecting(kind: kind) }
+            switch classify() {
+            case .flow(let kind)?:
+                state = .connecting(kind: kind)
+            case .connect?:
+                state = .tunneling
+                return [.stopReading, .tunnel]
+            case nil:
+                break
+            }
             return [.stopReading]
+        case .upstreamLost:
+            state = .failed
+            return [.reset(reason: "upstream unavailable")]
         case .idle:
             state = .failed
             return [.reset(reason: "no original destination in time")]
@@ -137,9 +190,18 @@ struct FirstFlightStateMachine {
     }
 
     mutating func upstreamFailed() -> [Action] {
-        guard state != .done, state != .failed else { return [] }
-        state = .failed
-        return [.reset(reason: "upstream unavailable")]
+        switch state {
+        case .done, .failed, .tunneling, .upstreamLost:
+            return []
+        case .connecting(kind: nil) where bufferedBytes == 0 || classify() == nil:
+            // The guest has not said what it is: a CONNECT needs no upstream. Anything else
+            // is reset when it shows, or at the first-flight timeout.
+            state = .upstreamLost
+            return []
+        default:
+            state = .failed
+            return [.reset(reason: "upstream unavailable")]
+        }
     }
 
     /// The pipelines are ready: the bytes to replay, in order.
@@ -150,17 +212,34 @@ struct FirstFlightStateMachine {
         return buffered
     }
 
+    /// The `CONNECT` request and whatever followed it, for the tunnel to take over.
+    mutating func takeTunnelRequest() -> ByteBuffer? {
+        guard state == .tunneling else { return nil }
+        state = .done
+        defer { buffered = nil }
+        return buffered
+    }
+
+    static let connectPrefix = Array("CONNECT ".utf8)
+
     /// What the first bytes say, or nil while undecided.
-    private func classify() -> Kind? {
-        guard let buffered, buffered.readableBytes > 0 else { return timedOut ? .opaque : nil }
+    private func classify() -> Classification? {
+        guard let buffered, buffered.readableBytes > 0 else { return timedOut ? .flow(.opaque) : nil }
         let bytes = Array(buffered.readableBytesView.prefix(Self.maxBuffered))
         switch ClientHello.parse(bytes) {
         case .clientHello(let name):
-            return .tls(serverName: name)
+            return .flow(.tls(serverName: name))
         case .incomplete:
-            return timedOut || buffered.readableBytes >= Self.maxBuffered ? .opaque : nil
+            return timedOut || buffered.readableBytes >= Self.maxBuffered ? .flow(.opaque) : nil
         case .notClientHello:
             break
+        }
+        // CONNECT: once its head is whole (a head that does not end within the buffer is
+        // HTTP the engine refuses, as any over-long head).
+        if bytes.starts(with: Self.connectPrefix) || Self.connectPrefix.starts(with: bytes) {
+            if Self.headEnd(in: bytes) != nil { return .connect }
+            if bytes.count >= Self.maxBuffered || timedOut { return .flow(bytes.count >= Self.connectPrefix.count ? .http : .opaque) }
+            return nil
         }
         // HTTP/1.x: a method token of capital letters, then a space.
         var letters = 0
@@ -169,8 +248,17 @@ struct FirstFlightStateMachine {
                 letters += 1
                 continue
             }
-            return byte == 0x20 && letters >= 3 ? .http : .opaque
+            return .flow(byte == 0x20 && letters >= 3 ? .http : .opaque)
         }
-        return bytes.count >= 16 || timedOut ? .opaque : nil
+        return bytes.count >= 16 || timedOut ? .flow(.opaque) : nil
+    }
+
+    /// The offset just past the first CRLF CRLF.
+    static func headEnd(in bytes: [UInt8]) -> Int? {
+        guard bytes.count >= 4 else { return nil }
+        for index in 0...(bytes.count - 4) where bytes[index] == 0x0D && bytes[index + 1] == 0x0A && bytes[index + 2] == 0x0D && bytes[index + 3] == 0x0A {
+            return index + 4
+        }
+        return nil
     }
 }

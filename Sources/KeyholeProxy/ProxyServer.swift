@@ -35,6 +35,9 @@ public struct ProxyConfiguration: Sendable {
     /// Bytes all connections may hold at once for body substitution (held `Content-Length`
     /// bodies); a body that does not fit is refused.
     public var heldBodyBudget = 256 * 1024 * 1024
+    /// Resolves the host of a guest's `CONNECT` (Keyhole answers CONNECT itself); without
+    /// one, a CONNECT to a name is refused.
+    public var tunnelResolver: (any TunnelResolver)?
 
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),

@@ -38,6 +38,9 @@ final class Session {
     /// With `block_response: http`: the answer to the blocked request, sent instead of a
     /// reset once the engine stops.
     var blockAnswer: ByteBuffer?
+    /// Inside a guest's `CONNECT host:port` tunnel: the host (normalized). A TLS flow in it
+    /// must name this host in its SNI.
+    var tunnelHost: String?
 
     init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy) {
         self.id = id
@@ -71,9 +74,11 @@ final class Session {
                 value: SocketOptionValue(Int32(bitPattern: mark)))
         }
         let loopFirstFlight = NIOLoopBound(firstFlight, eventLoop: guest.eventLoop)
+        let loopSelf = NIOLoopBound(self, eventLoop: guest.eventLoop)
         bootstrap = bootstrap.channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
-                try channel.pipeline.syncOperations.addHandler(UpstreamHoldHandler(onFirstBytes: { loopFirstFlight.value.upstreamSpoke() }))
+                try channel.pipeline.syncOperations.addHandler(
+                    UpstreamHoldHandler(onFirstBytes: { loopFirstFlight.value.upstreamSpoke(from: loopSelf.value) }))
             }
         }
         return bootstrap.connect(to: destination).assumeIsolated().map { channel -> Void in
@@ -97,6 +102,12 @@ final class Session {
         switch kind {
         case .tls(let name):
             serverName = name.map { HostName.normalize($0) }
+            if let tunnelHost, serverName != tunnelHost {
+                record(
+                    .warn, "tunnel-sni-mismatch", reason: "the TLS server name is not the CONNECT host", action: "reset",
+                    detail: "CONNECT \(tunnelHost), SNI \(serverName ?? "none")")
+                return loop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+            }
             if let name = serverName, policy.network.tlsBypass.allows(name) {
                 shared.metrics.connectionsBypass.increment()
                 return finishSetup(relayOnly: true, guestTLS: nil, context: context)
@@ -498,6 +509,83 @@ final class Session {
         answer.writeString(body)
         blockAnswer = answer
         return true
+    }
+
+    // MARK: CONNECT
+
+    /// Where a guest's `CONNECT` goes.
+    enum TunnelTarget: Equatable {
+        case name(String, port: Int)
+        case address(IPAddress, port: Int)
+    }
+
+    /// Checks the head of a guest's `CONNECT` (to what it takes for a proxy; Keyhole answers
+    /// it itself): placeholders in its headers follow the usual rules through the engine
+    /// (the head goes nowhere, so nothing is substituted: one there is a violation), a Host
+    /// must agree with the authority, and the authority is `host:port`. Nil when refused
+    /// (audited, the guest reset).
+    func tunnelTarget(head: ByteBuffer) -> TunnelTarget? {
+        let bytes = Array(head.readableBytesView)
+        guard let lineEnd = bytes.firstIndex(of: 0x0D) else { return refuseTunnel("a CONNECT request line without CRLF") }
+        let requestLine = bytes[..<lineEnd].split(separator: 0x20, omittingEmptySubsequences: false)
+        guard requestLine.count == 3, let authority = String(validating: requestLine[1], as: UTF8.self),
+            let target = Self.tunnelTarget(authority)
+        else { return refuseTunnel("the CONNECT target is not host:port") }
+        // The engine reads every header for placeholders; a CONNECT without Host (Python's
+        // http.client sends none) gets one naming its authority, so that it is read too.
+        var engineHead = head
+        let fields = bytes[(lineEnd + 2)...]
+        let hasHost = fields.split(separator: 0x0A).contains { line in
+            line.count >= 5 && String(decoding: line.prefix(5), as: UTF8.self).lowercased() == "host:"
+        }
+        if !hasHost {
+            engineHead = ByteBuffer(bytes: bytes[..<(lineEnd + 2)])
+            engineHead.writeString("Host: \(authority)\r\n")
+            engineHead.writeBytes(fields)
+        }
+        let check = RequestRewriter(
+            identity: ConnectionIdentity(sni: nil, dnsPinnedNames: [], upstreamVerified: false), secrets: policy.secrets,
+            configuration: RewriterConfiguration(), mode: .http, heldBodyBudget: shared.heldBodies)
+        var checked = RewriteOutput()
+        check.consume(engineHead, into: &checked)
+        for event in checked.events { handle(event) }
+        if check.status == .blocked {
+            abort()
+            return nil
+        }
+        return target
+    }
+
+    /// `host:port` (a DNS name, an IPv4 address or a bracketed IPv6 one; a port 1–65535).
+    static func tunnelTarget(_ authority: String) -> TunnelTarget? {
+        guard let colon = authority.lastIndex(of: ":"), let port = Int(authority[authority.index(after: colon)...]), (1...65535).contains(port)
+        else { return nil }
+        var host = String(authority[..<colon])
+        if host.hasPrefix("[") {
+            guard host.hasSuffix("]"), let address = IPAddress(String(host.dropFirst().dropLast())), !address.isIPv4 else { return nil }
+            return .address(address, port: port)
+        }
+        if let address = IPAddress(host), address.isIPv4 { return .address(address, port: port) }
+        host = HostName.normalize(host)
+        guard HostName.problem(with: host) == nil else { return nil }
+        return .name(host, port: port)
+    }
+
+    private func refuseTunnel(_ reason: String) -> TunnelTarget? {
+        shared.metrics.framingErrors.increment()
+        record(.warn, "framing-error", reason: "bad-connect", action: "reset", detail: reason)
+        abort()
+        return nil
+    }
+
+    /// This session's flow became a `CONNECT` tunnel, which another session carries: its
+    /// connection to the original destination (made, or still being made) is dropped, and
+    /// the guest is left alone.
+    func discardUpstream() {
+        finished = true
+        headDeadline?.cancel()
+        upstream?.close(promise: nil)
+        upstream = nil
     }
 
     func guestClosed() {

@@ -126,7 +126,7 @@ final class ProxyHarness: @unchecked Sendable {
                 "ip netns exec \(i) dnsmasq --no-resolv --no-hosts --listen-address=198.51.100.53 --bind-interfaces --port=53 "
                     + "--local-ttl=300 --address=/api.example.test/203.0.113.10 --address=/other.example.test/203.0.113.11 "
                     + "--address=/rebind.example.test/10.9.9.9 --address=/private.example.test/192.168.77.7 --address=/v6.example.test/2001:db8:113::10 "
-                    + "--address=/ip-only.example.test/203.0.113.12 --address=/cdn.example.test/203.0.113.12 "
+                    + "--address=/ip-only.example.test/203.0.113.12 --address=/cdn.example.test/203.0.113.12 --address=/proxy.example.test/203.0.113.13 "
                     + "--pid-file=\(directory)/dnsmasq.pid")
             usleep(300_000)
         }

@@ -78,3 +78,23 @@ struct DNSMessageTests {
         #expect(throws: DNSParseError.compressionLoop) { try DNSMessage.parseResponse(loop.bytes) }
     }
 }
+
+/// The queries Keyhole itself sends (for a guest's CONNECT host): recursive, one question.
+@Suite("DNS queries")
+struct DNSQueryTests {
+    @Test func aQueryIsWhatAResolverExpects() throws {
+        let query = try #require(DNSMessage.query(id: 0xBEEF, name: "api.example.test", ipv6: true))
+        #expect(Array(query.prefix(12)) == [0xBE, 0xEF, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0])
+        #expect(Array(query.dropFirst(12)) == ResponseBuilder.name("api.example.test") + [0, 28, 0, 1])
+        #expect(DNSMessage.query(id: 1, name: "a.example", ipv6: false)?.suffix(4) == [0, 1, 0, 1])
+        // Not names: nothing is sent.
+        for bad in ["", "a..example", String(repeating: "a", count: 64) + ".example", String(repeating: "a.", count: 130)] {
+            #expect(DNSMessage.query(id: 1, name: bad, ipv6: false) == nil, "\(bad)")
+        }
+        // A response to it parses back to the question.
+        var response = ResponseBuilder(id: 0xBEEF, question: "api.example.test")
+        response.answer(owner: ResponseBuilder.name("api.example.test"), type: 1, ttl: 60, data: [203, 0, 113, 10])
+        let parsed = try DNSMessage.parseResponse(response.bytes)
+        #expect(parsed.transactionID == 0xBEEF && parsed.queriedName == "api.example.test")
+    }
+}

@@ -121,10 +121,55 @@ struct FirstFlightStateMachineTests {
     @Test func failuresReset() {
         var machine = Machine()
         _ = machine.destinationKnown()
+        #expect(machine.guestRead(buffer("GET / HTTP/1.1\r\n")) == [.stopReading])
         #expect(machine.upstreamFailed() == [.reset(reason: "upstream unavailable")])
         #expect(machine.upstreamFailed() == [])
         var never = Machine()
         #expect(never.timeout() == [.reset(reason: "no original destination in time")])
+        // An upstream that fails before the guest has said anything: only a CONNECT, which
+        // needs no upstream, can go on; anything else is reset when it shows, or at the timeout.
+        var silent = Machine()
+        _ = silent.destinationKnown()
+        #expect(silent.upstreamFailed() == [])
+        #expect(silent.state == .upstreamLost)
+        #expect(silent.guestRead(buffer("GET / HTTP/1.1\r\n")) == [.reset(reason: "upstream unavailable")])
+        var quiet = Machine()
+        _ = quiet.destinationKnown()
+        _ = quiet.upstreamFailed()
+        #expect(quiet.timeout() == [.reset(reason: "upstream unavailable")])
+    }
+
+    static let connect = "CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\n\r\n"
+
+    @Test func aConnectIsAnsweredWhateverTheOriginalDestinationDoes() {
+        for upstream in ["connected", "failed-before", "failed-after", "pending"] {
+            var machine = Machine()
+            #expect(machine.destinationKnown() == [.connect])
+            if upstream == "connected" { #expect(machine.upstreamConnected() == []) }
+            if upstream == "failed-before" { #expect(machine.upstreamFailed() == []) }
+            #expect(machine.guestRead(buffer(Self.connect + "\u{16}\u{3}\u{1}")) == [.stopReading, .tunnel], "\(upstream)")
+            if upstream == "failed-after" { #expect(machine.upstreamFailed() == []) }
+            // The whole request and what followed it, for the tunnel.
+            #expect(machine.takeTunnelRequest().map { String(buffer: $0) } == Self.connect + "\u{16}\u{3}\u{1}")
+            #expect(machine.upstreamConnected() == [] && machine.upstreamFailed() == [] && machine.timeout() == [])
+            #expect(machine.takeTunnelRequest() == nil)
+        }
+    }
+
+    @Test func aConnectHeadSplitAnywhereIsWaitedForAndOneThatNeverEndsIsHTTP() {
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        #expect(machine.guestRead(buffer("CON")) == [])
+        #expect(machine.guestRead(buffer("NECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r")) == [])
+        #expect(machine.guestRead(buffer("\n")) == [.stopReading, .tunnel])
+        var long = Machine()
+        _ = long.destinationKnown()
+        #expect(long.guestRead(buffer("CONNECT a.example:443 HTTP/1.1\r\nX: " + String(repeating: "a", count: Machine.maxBuffered))) == [.stopReading])
+        #expect(long.upstreamConnected() == [.setUp(.http)])
+        // Before the destination is known, too.
+        var early = Machine()
+        #expect(early.guestRead(buffer(Self.connect)) == [])
+        #expect(early.destinationKnown() == [.stopReading, .tunnel])
     }
 }
 
@@ -149,7 +194,11 @@ struct FirstFlightStateMachineWalkTests {
 
     @Test func invariantsHoldForRandomEventOrders() {
         var random = Generator(state: 2026)
-        let chunks = ["GET / HT", "TP/1.1\r\nHost: a\r\n\r\n", "\u{16}\u{3}\u{1}", "x", String(repeating: "z", count: 5000), ""]
+        let chunks = [
+            "GET / HT", "TP/1.1\r\nHost: a\r\n\r\n", "\u{16}\u{3}\u{1}", "x", String(repeating: "z", count: 5000), "",
+            "CONNECT a.example:443 HTTP/1.1\r\n\r\n",
+        ]
+        var tunnels = 0
         var setUps = 0
         for _ in 0..<20_000 {
             var machine = FirstFlightStateMachine()
@@ -195,10 +244,17 @@ struct FirstFlightStateMachineWalkTests {
                         setUps += 1
                     case .reset: ended = true
                     case .connect: #expect(!connected)
+                    case .tunnel:
+                        #expect(setUp == nil && stopped, "a tunnel instead of a set-up, with the guest not read")
+                        let request = machine.takeTunnelRequest().map { String(buffer: $0) } ?? ""
+                        #expect(request == sent, "the tunnel gets every byte sent, in order")
+                        tunnels += 1
+                        ended = true
                     }
                 }
             }
         }
         #expect(setUps > 1000, "the walk reached the set-up \(setUps) times")
+        #expect(tunnels > 100, "the walk opened \(tunnels) tunnels")
     }
 }

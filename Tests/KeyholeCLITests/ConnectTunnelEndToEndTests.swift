@@ -1,0 +1,73 @@
+import Foundation
+import Testing
+
+/// A guest behind an explicit proxy (`HTTPS_PROXY`, corporate images) sends CONNECT to a
+/// proxy address; Keyhole answers it itself (nothing listens at proxy.example.test:3128),
+/// resolves the host through its trusted resolver, and intercepts the TLS inside like a
+/// direct flow: substitution works, and every identity check still holds.
+@Suite("CONNECT tunnels end to end", .serialized, .enabled(if: isRoot, "needs root for network namespaces"))
+struct ConnectTunnelEndToEndTests {
+    static let realValue = "tunnel-real-token-0014"
+    static let policy = ApplianceEndToEndTests.policy.replacingOccurrences(of: ApplianceEndToEndTests.realValue, with: realValue)
+    static let proxy = "http://proxy.example.test:3128"
+
+    @Test func theTLSInsideAConnectIsInterceptedAndSubstituted() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        let api = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        try harness.startProxy(policy: Self.policy)
+
+        // curl --proxy, and HTTPS_PROXY as corporate images set it.
+        let ok = try harness.guestCurl("https://api.example.test/tunnel", "--proxy \(Self.proxy) -H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(ok.stdout == "ok\n", "\(ok.stderr)\n\(harness.audit)")
+        let viaEnvironment = try harness.guest(
+            "HTTPS_PROXY=\(Self.proxy) curl -sS --max-time 8 --cacert \(harness.stateDirectory)/ca.pem -H 'X-Key: $MSB_TOKEN' https://api.example.test/env")
+        #expect(viaEnvironment.stdout == "ok\n", "\(viaEnvironment.stderr)")
+        let records = harness.records(api)
+        #expect(records.count == 2)
+        #expect(harness.header(records.first ?? [:], "Authorization") == "Bearer \(Self.realValue)")
+        #expect(harness.header(records.last ?? [:], "X-Key") == Self.realValue)
+        #expect(harness.audit.contains("\"event\":\"tunnel\""), "\(harness.audit)")
+        // The CONNECT host was resolved through the trusted resolver and pinned: the
+        // substitution passed the DNS check (no dns-not-pinned).
+        #expect(!harness.audit.contains("dns-not-pinned"))
+        for text in [harness.audit, harness.stderr, ok.stderr] { #expect(!text.contains(Self.realValue)) }
+    }
+
+    @Test func insideATunnelEveryIdentityRuleStillHolds() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        let api = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        let other = try harness.upstream("203.0.113.11", port: 443, cert: "other.example.test")
+        try harness.startProxy(policy: Self.policy)
+
+        // CONNECT to api.example.test, TLS inside for other.example.test: refused.
+        let fronted = try harness.guestCurl(
+            "https://other.example.test/fronted",
+            "--proxy \(Self.proxy) --connect-to other.example.test:443:api.example.test:443 -H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(fronted.status != 0 && fronted.stdout.isEmpty, "\(fronted.all)")
+        #expect(harness.audit.contains("\"event\":\"tunnel-sni-mismatch\""), "\(harness.audit)")
+
+        // The placeholder to a host it is not allowed for, through the tunnel: a violation.
+        let elsewhere = try harness.guestCurl("https://other.example.test/steal", "--proxy \(Self.proxy) -H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(elsewhere.status != 0, "\(elsewhere.all)")
+        #expect(harness.records(other).isEmpty)
+
+        // A placeholder in the CONNECT request's own headers: never substituted (the head
+        // goes nowhere), a violation.
+        let inHead = try harness.guestCurl("https://api.example.test/head", "--proxy \(Self.proxy) --proxy-header 'X-Proxy-Token: $MSB_TOKEN'")
+        #expect(inHead.status != 0, "\(inHead.all)")
+        #expect(harness.records(api).isEmpty)
+        let violations = harness.audit.split(separator: "\n").filter { $0.contains("\"event\":\"violation\"") }
+        #expect(violations.count == 2, "\(harness.audit)")
+
+        // A CONNECT host that no trusted answer resolves, and one egress denies.
+        let unknown = try harness.guestCurl("https://nowhere.example.test/", "--proxy \(Self.proxy)")
+        #expect(unknown.status != 0)
+        #expect(harness.audit.contains("does not resolve through a trusted resolver"), "\(harness.audit)")
+        let metadata = try harness.guestCurl("https://169.254.169.254/latest/meta-data/", "--proxy \(Self.proxy) -k")
+        #expect(metadata.status != 0)
+        #expect(harness.audit.contains("\"event\":\"egress-denied\""), "\(harness.audit)")
+        for text in [harness.audit, harness.stderr] { #expect(!text.contains(Self.realValue)) }
+    }
+}
