@@ -70,4 +70,22 @@ struct ConnectTunnelEndToEndTests {
         #expect(harness.audit.contains("\"event\":\"egress-denied\""), "\(harness.audit)")
         for text in [harness.audit, harness.stderr] { #expect(!text.contains(Self.realValue)) }
     }
+
+    @Test func plainHTTPInsideATunnelIsParsedAndGuarded() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        let plain = try harness.upstream("203.0.113.10", port: 80, cert: nil)
+        try harness.startProxy(policy: Self.policy)
+        let ok = try harness.guest("curl -sS --max-time 8 --proxytunnel --proxy \(Self.proxy) http://api.example.test/plain")
+        #expect(ok.stdout == "ok\n", "\(ok.all)\n\(harness.audit)")
+        // The secret needs a verified TLS identity: over plain HTTP, even to its allowed host
+        // through a tunnel, the placeholder is a violation.
+        let leak = try harness.guest(
+            "curl -sS --max-time 8 --proxytunnel --proxy \(Self.proxy) -H 'Authorization: Bearer $MSB_TOKEN' http://api.example.test/leak")
+        #expect(leak.status != 0, "\(leak.all)")
+        let records = harness.records(plain)
+        #expect(records.count == 1 && (records.first?["target"] as? String) == "/plain", "\(records)")
+        #expect(harness.audit.contains("\"event\":\"violation\""), "\(harness.audit)")
+        #expect(!harness.audit.contains(Self.realValue))
+    }
 }
