@@ -111,14 +111,27 @@ final class GuestAgentSession: Sendable {
         }
     }
 
+    /// The timeout: the command's process group is killed. A guest that does not report
+    /// its end within `killGrace` after that does not hold the caller: the run ends as killed.
     private func timedOut(_ id: UInt64) {
         let channel: (any Channel)? = state.withLock { state in
             guard state.pending[id] != nil else { return nil }
             state.pending[id]?.result.timedOut = true
             return state.channel
         }
-        channel?.writeAndFlush(ByteBuffer(bytes: Self.line(["t": "signal", "id": id, "sig": 9])), promise: nil)
+        guard let channel else { return }
+        channel.writeAndFlush(ByteBuffer(bytes: Self.line(["t": "signal", "id": id, "sig": 9])), promise: nil)
+        Task { [weak self] in
+            try await Task.sleep(for: Self.killGrace)
+            guard let self else { return }
+            let pending: Pending? = self.state.withLock { $0.pending.removeValue(forKey: id) }
+            guard var pending else { return }
+            pending.result.exitCode = 128 + 9
+            pending.continuation.resume(returning: pending.result)
+        }
     }
+
+    static let killGrace: Duration = .seconds(5)
 
     /// One line from the guest.
     func received(_ line: ByteBuffer) {
@@ -205,13 +218,20 @@ final class GuestAgentSession: Sendable {
 final class AgentLineDecoder: ByteToMessageDecoder {
     typealias InboundOut = ByteBuffer
 
+    /// How much of the pending line has been searched for its newline already (a line
+    /// dripped in small pieces is scanned once, not once a piece).
+    private var scanned = 0
+
     func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        if let newline = buffer.readableBytesView.firstIndex(of: 0x0A) {
-            let line = buffer.readSlice(length: newline - buffer.readerIndex)!
+        let view = buffer.readableBytesView
+        if let newline = view[(view.startIndex + scanned)...].firstIndex(of: 0x0A) {
+            scanned = 0
+            let line = buffer.readSlice(length: newline - view.startIndex)!
             buffer.moveReaderIndex(forwardBy: 1)
             context.fireChannelRead(wrapInboundOut(line))
             return .continue
         }
+        scanned = view.count
         if buffer.readableBytes > GuestAgentSession.maxLine { throw SandboxError.agentProtocol("a line over 1 MiB") }
         return .needMoreData
     }

@@ -34,10 +34,22 @@ public struct CommandLinePolicy: Sendable {
 
     /// How a `--secret` argument may be shown: an inline value becomes `…` (it is a
     /// credential, and this text goes into error messages).
+    /// The hosts are shown only when they read as hosts (a value whose `@HOST` was
+    /// forgotten must not show its tail), and a name only when it looks like a variable's
+    /// (`ghp_…@api.github.com`, a token where the name belongs, is not repeated).
     public static func shown(_ flag: String, _ argument: String) -> String {
         let at = argument.lastIndex(of: "@") ?? argument.endIndex
-        guard let equals = argument[..<at].firstIndex(of: "=") else { return "\(flag) \(argument)" }
-        return "\(flag) \(argument[..<equals])=…\(argument[at...])"
+        let hosts = at < argument.endIndex ? String(argument[argument.index(after: at)...]) : ""
+        let hostsReadable = !hosts.isEmpty && hosts.split(separator: ",", omittingEmptySubsequences: false).allSatisfy { host in
+            let name = HostName.normalize(host.hasPrefix("*.") ? host.dropFirst(2) : host)
+            return HostName.problem(with: name) == nil
+        }
+        let tail = hostsReadable ? "@" + hosts : (at < argument.endIndex ? "@…" : "")
+        guard let equals = argument[..<at].firstIndex(of: "=") else {
+            let name = String(argument[..<at])
+            return "\(flag) \(PolicyReader.looksLikeConventionalName(name) ? name : "…")\(tail)"
+        }
+        return "\(flag) \(argument[..<equals])=…\(tail)"
     }
 
     struct SecretFlag {
@@ -67,6 +79,11 @@ public struct CommandLinePolicy: Sendable {
             throw failure("'\(pattern)' is a host pattern; give it as --secret-pattern ENV@\(pattern)")
         }
         if let equals = spec.firstIndex(of: "=") {
+            // With a value inline, what follows the last @ is echoed only once it reads as
+            // hosts: a value with an @ and no host would otherwise show its tail.
+            if !hosts.allSatisfy({ HostName.problem(with: HostName.normalize($0.hasPrefix("*.") ? String($0.dropFirst(2)) : $0)) == nil }) {
+                throw failure("what follows the last '@' is not a list of host names (a value holding '@' still ends with @HOST); the value is not shown")
+            }
             return (String(spec[..<equals]), String(spec[spec.index(after: equals)...]), hosts)
         }
         return (String(spec), nil, hosts)

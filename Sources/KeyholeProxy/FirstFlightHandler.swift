@@ -135,6 +135,7 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
                 timeout?.cancel()
                 guard let session, let request = machine.takeTunnelRequest() else { continue }
                 openTunnel(request, session: session, context: context)
+                return
             }
         }
     }
@@ -142,17 +143,13 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// Answers the guest's `CONNECT` and starts the flow inside the tunnel.
     private func openTunnel(_ request: ByteBuffer, session: Session, context: ChannelHandlerContext) {
         let bytes = Array(request.readableBytesView)
-        let end = FirstFlightStateMachine.headEnd(in: bytes) ?? bytes.count
-        let head = request.getSlice(at: request.readerIndex, length: end)!
-        let rest = request.getSlice(at: request.readerIndex + end, length: request.readableBytes - end)!
-        if inTunnel {
-            session.record(.warn, "tunnel-refused", reason: "a CONNECT inside a CONNECT tunnel", action: "reset")
-            session.abort()
-            return
-        }
-        // Refused (audited, the guest reset), or on to the CONNECT host: either way the
-        // original destination's connection is not used.
-        guard let target = session.tunnelTarget(head: head) else { return }
+        let end = FirstFlightStateMachine.headEnd(in: bytes)
+        let head = request.getSlice(at: request.readerIndex, length: end ?? bytes.count)!
+        let rest = request.getSlice(at: request.readerIndex + (end ?? bytes.count), length: request.readableBytes - (end ?? bytes.count))!
+        // The engine reads the head first (a placeholder in it is a violation, whatever
+        // else is wrong); refused (audited, the guest reset), or on to the CONNECT host:
+        // either way the original destination's connection is not used.
+        guard let target = session.tunnelTarget(head: head, complete: end != nil, nested: inTunnel) else { return }
         session.discardUpstream()
         let channel = context.channel
         switch target {
@@ -165,39 +162,54 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
                 return
             }
             resolver.resolve(host, on: channel.eventLoop).hop(to: channel.eventLoop).assumeIsolated().whenComplete { result in
-                let found = (try? result.get()) ?? []
-                for (address, ttl) in found { self.shared.dns.record(name: host, address: address, ttl: ttl) }
+                let found = ((try? result.get()) ?? []).filter { Self.mayTunnel(to: $0.address, shared: self.shared) }
                 guard !found.isEmpty else {
-                    session.record(.warn, "tunnel-refused", reason: "the CONNECT host does not resolve through a trusted resolver", action: "reset", detail: host)
+                    session.record(
+                        .warn, "tunnel-refused", reason: "the CONNECT host does not resolve through a trusted resolver to a reachable address",
+                        action: "reset", detail: host)
                     channel.reset()
                     return
                 }
+                for (address, ttl) in found { self.shared.dns.record(name: host, address: address, ttl: ttl) }
                 self.startTunnel(to: found.map(\.address), port: port, host: host, rest: rest, session: session, channel: channel)
             }
         }
     }
 
+    /// Never the appliance itself, whatever `network.egress` says: its loopback services
+    /// (metrics, resolvers) and its own addresses are no tunnel's destination.
+    static func mayTunnel(to address: IPAddress, shared: ProxyShared) -> Bool {
+        let scope = address.scope
+        return scope != .loopback && scope != .unspecified && !shared.configuration.applianceAddresses.contains(address.unmapped)
+    }
+
     private func startTunnel(to addresses: [IPAddress], port: Int, host: String?, rest: ByteBuffer, session: Session, channel: any Channel) {
         guard let context, channel.isActive else { return }
         // The first address egress allows (its decision is audited if none is).
-        let candidates = addresses.compactMap { try? SocketAddress(ipAddress: $0.description, port: port) }
+        let candidates = addresses.filter { Self.mayTunnel(to: $0, shared: shared) }.compactMap { try? SocketAddress(ipAddress: $0.description, port: port) }
         guard let address = candidates.first(where: { shared.egressDecision(for: $0).isAllowed }) else {
             let rule: String
-            if let first = candidates.first, case .denied(let denied) = shared.egressDecision(for: first) { rule = denied } else { rule = "no address" }
+            if let first = candidates.first, case .denied(let denied) = shared.egressDecision(for: first) { rule = denied } else { rule = "the appliance itself" }
             shared.metrics.egressDenied.increment()
             session.record(.warn, "egress-denied", reason: rule, action: "reset", detail: "CONNECT \(host ?? addresses.first?.description ?? "?"):\(port)")
             channel.reset()
             return
         }
         session.record(.info, "tunnel", action: "answered", detail: "CONNECT \(host ?? address.keyholeIP?.description ?? "?"):\(port) → \(address.keyholeIP?.description ?? "?")")
+        // What the guest sent after the head, then whatever arrived while it was checked.
+        var first = rest
+        if var leftover = machine.takeLeftover() { first.writeBuffer(&leftover) }
         inTunnel = true
         machine = FirstFlightStateMachine()
         channel.writeAndFlush(ByteBuffer(string: "HTTP/1.1 200 Connection established\r\n\r\n"), promise: nil)
         scheduleFirstFlightTimeout(context)
         destinationKnown(address, channel: channel, tunnelHost: host)
-        if rest.readableBytes > 0 { perform(machine.guestRead(rest)) }
-        channel.setOption(.autoRead, value: true).whenFailure { _ in }
-        channel.read()
+        if first.readableBytes > 0 { perform(machine.guestRead(first)) }
+        // Read on only while the new flow is undecided (what it decided stands).
+        if machine.wantsGuestBytes {
+            channel.setOption(.autoRead, value: true).whenFailure { _ in }
+            channel.read()
+        }
     }
 
     /// Replays what was read to the pipeline that now follows, removes itself, reads again.

@@ -65,6 +65,16 @@ struct FirstFlightStateMachine {
     /// The most guest bytes a classification needs: the largest ClientHello record (16 KiB
     /// + header) with room to spare. Past this the guest is not read until set-up is done.
     static let maxBuffered = 16 * 1024 + 2048 + 5
+    /// What may arrive on top of that from reads already in flight when reading stopped.
+    static let maxHeld = 4 * maxBuffered
+
+    /// Undecided, and under the bound: the guest may be read.
+    var wantsGuestBytes: Bool {
+        switch state {
+        case .idle, .connecting(kind: nil), .connected, .upstreamLost: return bufferedBytes <= Self.maxBuffered
+        default: return false
+        }
+    }
 
     private(set) var state: State = .idle
     private var buffered: ByteBuffer?
@@ -120,8 +130,15 @@ struct FirstFlightStateMachine {
                     return [.stopReading]
                 }
             }
-        case .connecting, .settingUp, .tunneling, .done, .failed:
-            // Kept for the replay (reads already in flight when reading stopped).
+        case .connecting, .settingUp, .tunneling, .done:
+            // Kept for the replay (reads already in flight when reading stopped), within
+            // bounds: a guest that goes on sending while it is not read is cut off.
+            guard bufferedBytes <= Self.maxHeld else {
+                state = .failed
+                return [.reset(reason: "the guest sent past the first-flight bound while it was not read")]
+            }
+            return []
+        case .failed:
             return []
         }
     }
@@ -220,6 +237,13 @@ struct FirstFlightStateMachine {
         return buffered
     }
 
+    /// After `takeTunnelRequest`: what the guest sent meanwhile (reads in flight), in order.
+    mutating func takeLeftover() -> ByteBuffer? {
+        guard state == .done else { return nil }
+        defer { buffered = nil }
+        return buffered
+    }
+
     static let connectPrefix = Array("CONNECT ".utf8)
 
     /// What the first bytes say, or nil while undecided.
@@ -234,10 +258,9 @@ struct FirstFlightStateMachine {
         case .notClientHello:
             break
         }
-        // CONNECT: once its head is whole (a head that does not end within the buffer is
-        // HTTP the engine refuses, as any over-long head).
+        // CONNECT: once its head is whole, or past the bound (which the tunnel refuses).
         if bytes.starts(with: Self.connectPrefix) || Self.connectPrefix.starts(with: bytes) {
-            if Self.headEnd(in: bytes) != nil { return .connect }
+            if Self.headEnd(in: bytes) != nil || (bytes.count >= Self.maxBuffered && bytes.starts(with: Self.connectPrefix)) { return .connect }
             if bytes.count >= Self.maxBuffered || timedOut { return .flow(bytes.count >= Self.connectPrefix.count ? .http : .opaque) }
             return nil
         }

@@ -520,39 +520,48 @@ final class Session {
     }
 
     /// Checks the head of a guest's `CONNECT` (to what it takes for a proxy; Keyhole answers
-    /// it itself): placeholders in its headers follow the usual rules through the engine
-    /// (the head goes nowhere, so nothing is substituted: one there is a violation), a Host
-    /// must agree with the authority, and the authority is `host:port`. Nil when refused
-    /// (audited, the guest reset).
-    func tunnelTarget(head: ByteBuffer) -> TunnelTarget? {
+    /// it itself). The engine reads it first: placeholders in its headers follow the usual
+    /// rules (the head goes nowhere, so nothing is substituted: one there is a violation,
+    /// with its action, whatever else is wrong with the request), and a Host must agree
+    /// with the authority. Then the head must be whole, not inside another tunnel, and its
+    /// authority `host:port`. Nil when refused (audited, the guest reset).
+    func tunnelTarget(head: ByteBuffer, complete: Bool, nested: Bool) -> TunnelTarget? {
         let bytes = Array(head.readableBytesView)
-        guard let lineEnd = bytes.firstIndex(of: 0x0D) else { return refuseTunnel("a CONNECT request line without CRLF") }
-        let requestLine = bytes[..<lineEnd].split(separator: 0x20, omittingEmptySubsequences: false)
-        guard requestLine.count == 3, let authority = String(validating: requestLine[1], as: UTF8.self),
-            let target = Self.tunnelTarget(authority)
-        else { return refuseTunnel("the CONNECT target is not host:port") }
-        // The engine reads every header for placeholders; a CONNECT without Host (Python's
-        // http.client sends none) gets one naming its authority, so that it is read too.
+        let lineEnd = bytes.firstIndex(of: 0x0D)
+        let requestLine = bytes[..<(lineEnd ?? bytes.count)].split(separator: 0x20, omittingEmptySubsequences: false)
+        let authority = requestLine.count == 3 ? String(validating: requestLine[1], as: UTF8.self) : nil
+        // A CONNECT without Host (Python's http.client sends none) gets one naming its
+        // authority for the engine, so that the request is read as a whole.
         var engineHead = head
-        let fields = bytes[(lineEnd + 2)...]
-        let hasHost = fields.split(separator: 0x0A).contains { line in
-            line.count >= 5 && String(decoding: line.prefix(5), as: UTF8.self).lowercased() == "host:"
-        }
-        if !hasHost {
-            engineHead = ByteBuffer(bytes: bytes[..<(lineEnd + 2)])
-            engineHead.writeString("Host: \(authority)\r\n")
-            engineHead.writeBytes(fields)
+        if let lineEnd, lineEnd + 1 < bytes.count, let authority {
+            let fields = bytes[(lineEnd + 2)...]
+            let hasHost = fields.split(separator: 0x0A).contains { line in
+                line.count >= 5 && String(decoding: line.prefix(5), as: UTF8.self).lowercased() == "host:"
+            }
+            if !hasHost {
+                engineHead = ByteBuffer(bytes: bytes[..<(lineEnd + 2)])
+                engineHead.writeString("Host: \(authority)\r\n")
+                engineHead.writeBytes(fields)
+            }
         }
         let check = RequestRewriter(
             identity: ConnectionIdentity(sni: nil, dnsPinnedNames: [], upstreamVerified: false), secrets: policy.secrets,
             configuration: RewriterConfiguration(), mode: .http, heldBodyBudget: shared.heldBodies)
         var checked = RewriteOutput()
         check.consume(engineHead, into: &checked)
+        if !complete { check.finish(into: &checked) }
         for event in checked.events { handle(event) }
         if check.status == .blocked {
             abort()
             return nil
         }
+        guard complete else { return refuseTunnel("the CONNECT head does not end within \(FirstFlightStateMachine.maxBuffered) bytes") }
+        guard !nested else {
+            record(.warn, "tunnel-refused", reason: "a CONNECT inside a CONNECT tunnel", action: "reset")
+            abort()
+            return nil
+        }
+        guard let authority, let target = Self.tunnelTarget(authority) else { return refuseTunnel("the CONNECT target is not host:port") }
         return target
     }
 

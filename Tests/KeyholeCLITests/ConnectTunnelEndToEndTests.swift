@@ -88,4 +88,22 @@ struct ConnectTunnelEndToEndTests {
         #expect(harness.audit.contains("\"event\":\"violation\""), "\(harness.audit)")
         #expect(!harness.audit.contains(Self.realValue))
     }
+
+    /// Whatever `network.egress` allows, a tunnel never reaches the appliance itself: its
+    /// loopback services (metrics) and its own addresses.
+    @Test func aTunnelNeverReachesTheApplianceItself() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        let open = Self.policy.replacingOccurrences(of: "  gateway: 10.0.2.1/30\n", with: "  gateway: 10.0.2.1/30\n  egress: { default: all }\n")
+        #expect(open != Self.policy)
+        try harness.startProxy(policy: open)
+        for target in ["127.0.0.1:\(harness.metricsPort)", "[::1]:\(harness.metricsPort)", "10.0.2.1:\(harness.metricsPort)", "0.0.0.0:80"] {
+            let probe = try harness.exchange(
+                ip: "203.0.113.13", port: 3128, tls: false,
+                requests: ["CONNECT \(target) HTTP/1.1\r\n\r\n", "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"])
+            #expect(!probe.stdout.contains("keyhole_"), "\(target): \(probe.all)")
+            #expect(!probe.stdout.contains("200 Connection established"), "\(target): \(probe.all)")
+        }
+        #expect(harness.audit.components(separatedBy: "\"event\":\"egress-denied\"").count - 1 == 4, "\(harness.audit)")
+    }
 }

@@ -62,12 +62,26 @@ struct CommandLinePolicyTests {
                 .apply(to: nil, environment: [:])
         }
         let text = found.joined(separator: "\n")
-        #expect(found.contains { $0.hasPrefix("--secret TOKEN=…@bad_host!: allowed host 'bad_host!'") }, "\(text)")
+        #expect(found.contains { $0.hasPrefix("--secret TOKEN=…@…: what follows the last '@' is not a list of host names") }, "\(text)")
         #expect(found.contains("--secret NOHOST: must be ENV@HOST[,HOST…] or ENV=VALUE@HOST[,HOST…]"), "\(text)")
         #expect(found.contains("--secret MISSING@api.example.com: environment variable 'MISSING' is not set (from_env)"), "\(text)")
         #expect(found.contains { $0.hasPrefix("--secret X=…@*.example.com: '*.example.com' is a host pattern; give it as --secret-pattern") }, "\(text)")
         #expect(found.contains { $0.hasPrefix("--on-secret-violation explode: on_secret_violation must be one of block, block-and-log, block-and-terminate") }, "\(text)")
-        #expect(!text.contains("hunter2"))
+        #expect(!text.contains("hunter2") && !text.contains("bad_host"))
+    }
+
+    /// Mistakes that would put a credential in an error message: a value holding '@' with
+    /// its host forgotten, a token where the name belongs.
+    @Test func anInlineValueNeverShowsEvenWhenTheFlagIsMistyped() {
+        let found = problems { () throws(PolicyError) in
+            try flags(["DB=p@ss!word-tail", "ghp_abcdef123@api.github.com", "TOKEN@bad_host!"]).apply(to: nil, environment: [:])
+        }
+        let text = found.joined(separator: "\n")
+        #expect(!text.contains("ss!word") && !text.contains("ghp_abcdef123"), "\(text)")
+        #expect(found.contains { $0.hasPrefix("--secret DB=…@…: what follows the last '@'") }, "\(text)")
+        #expect(found.contains { $0.hasPrefix("--secret …@api.github.com: ") }, "\(text)")
+        // With no value in the argument, the host is echoed as a file's would be.
+        #expect(found.contains { $0.hasPrefix("--secret TOKEN@…: allowed host 'bad_host!'") }, "\(text)")
     }
 
     @Test func flagsMergeWithAFileAndConflictsNameBothPlaces() throws {

@@ -156,16 +156,40 @@ struct FirstFlightStateMachineTests {
         }
     }
 
-    @Test func aConnectHeadSplitAnywhereIsWaitedForAndOneThatNeverEndsIsHTTP() {
+    /// Reads already in flight when reading stopped are kept for the replay, but a guest
+    /// that goes on sending (an upstream that never completes its handshake) is cut off.
+    @Test func whatArrivesWhileTheGuestIsNotReadIsBounded() {
+        var machine = Machine()
+        _ = machine.destinationKnown()
+        #expect(machine.guestRead(ByteBuffer(bytes: clientHello)) == [.stopReading])
+        var total = clientHello.count
+        var actions: [Machine.Action] = []
+        while actions.isEmpty && total < 10 * Machine.maxHeld {
+            actions = machine.guestRead(ByteBuffer(repeating: 0x41, count: 2048))
+            total += 2048
+        }
+        #expect(actions == [.reset(reason: "the guest sent past the first-flight bound while it was not read")])
+        #expect(total > Machine.maxHeld && total <= Machine.maxHeld + 2048)
+        #expect(machine.upstreamConnected() == [])
+        var tunnel = Machine()
+        _ = tunnel.destinationKnown()
+        _ = tunnel.guestRead(buffer(Self.connect))
+        _ = tunnel.takeTunnelRequest()
+        #expect(tunnel.guestRead(buffer("more")) == [])
+        #expect(tunnel.takeLeftover().map { String(buffer: $0) } == "more")
+    }
+
+    @Test func aConnectHeadSplitAnywhereIsWaitedForAndOneThatNeverEndsIsRefused() {
         var machine = Machine()
         _ = machine.destinationKnown()
         #expect(machine.guestRead(buffer("CON")) == [])
         #expect(machine.guestRead(buffer("NECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r")) == [])
         #expect(machine.guestRead(buffer("\n")) == [.stopReading, .tunnel])
+        // Past the bound it is still a CONNECT (which the tunnel refuses), never HTTP for
+        // the original destination.
         var long = Machine()
         _ = long.destinationKnown()
-        #expect(long.guestRead(buffer("CONNECT a.example:443 HTTP/1.1\r\nX: " + String(repeating: "a", count: Machine.maxBuffered))) == [.stopReading])
-        #expect(long.upstreamConnected() == [.setUp(.http)])
+        #expect(long.guestRead(buffer("CONNECT a.example:443 HTTP/1.1\r\nX: " + String(repeating: "a", count: Machine.maxBuffered))) == [.stopReading, .tunnel])
         // Before the destination is known, too.
         var early = Machine()
         #expect(early.guestRead(buffer(Self.connect)) == [])

@@ -83,6 +83,33 @@ struct GuestAgentTests {
         #expect(flood.exitCode == 0 && flood.stdoutBytes.count == 1000 && flood.stdoutTruncated)
     }
 
+    /// A guest that ignores the kill after a timeout does not hold the caller.
+    @Test func aGuestThatNeverReportsTheEndOfATimedOutRunDoesNotHoldTheCaller() async throws {
+        let script = """
+            import socket, sys, time
+            server = socket.socket(socket.AF_UNIX)
+            server.bind(sys.argv[1])
+            server.listen(1)
+            conn = server.accept()[0]
+            conn.sendall(b'{"t":"ready"}\\n')
+            time.sleep(30)
+            """
+        let directory = NSTemporaryDirectory() + "kh-silent-" + UUID().uuidString.prefix(8)
+        let agent = try Agent(script: script, arguments: [directory + ".sock"])
+        defer {
+            agent.close()
+            try? FileManager.default.removeItem(atPath: directory + ".sock")
+        }
+        let session = GuestAgentSession()
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: directory + ".sock") { try await Task.sleep(for: .milliseconds(25)) }
+        try await session.connect(path: directory + ".sock")
+        for _ in 0..<200 where !session.isReady { try await Task.sleep(for: .milliseconds(25)) }
+        let started = ContinuousClock.now
+        let result = try await run(session, ["sleep", "100"], timeout: .milliseconds(200))
+        #expect(result.timedOut && result.exitCode == 128 + 9)
+        #expect(ContinuousClock.now - started < .seconds(10))
+    }
+
     /// A hostile guest: what it sends is input, never trusted. An over-long line, or one that
     /// is not the protocol, fails every run and closes the connection.
     @Test(arguments: [

@@ -96,3 +96,13 @@ extension SandboxBuilderTests {
         }
     }
 }
+
+extension SandboxBuilderTests {
+    @Test func aPlainEnvironmentVariableMayNotCarryASecretsValue() {
+        #expect {
+            try Sandbox.builder("w").secretEnv("TOKEN", value: "tok-real-123", allowedHost: "api.example.com").env("COPY", "x-tok-real-123").policy()
+        } throws: { error in
+            error as? SandboxError == .invalidConfiguration(["guest.env 'COPY' holds the real value of secret 'TOKEN'; the guest must see only its placeholder"])
+        }
+    }
+}
