@@ -60,6 +60,9 @@ final class GuestAgentSession: Sendable {
 
     /// Connects to the agent's socket and says hello; `isReady` turns true on its answer.
     func connect(path: String) async throws {
+        // Reset before the connection exists: the agent's `ready` may arrive before
+        // `connect` returns, and must not be forgotten.
+        state.withLock { $0.ready = false }
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -69,10 +72,7 @@ final class GuestAgentSession: Sendable {
                 }
             }
             .connect(unixDomainSocketPath: path).get()
-        state.withLock {
-            $0.channel = channel
-            $0.ready = false
-        }
+        state.withLock { $0.channel = channel }
         try await channel.writeAndFlush(ByteBuffer(bytes: Self.line(["t": "hello"]))).get()
     }
 
@@ -90,11 +90,10 @@ final class GuestAgentSession: Sendable {
         guard let channel else { throw state.withLock { $0.failure } ?? .stopped }
         request["id"] = id
         let bytes = Self.line(request)
+        // Timers on the connection's event loop: they fire however busy the caller's
+        // concurrency pool is.
         let timer = timeout.map { timeout in
-            Task { [weak self] in
-                try await Task.sleep(for: timeout)
-                self?.timedOut(id)
-            }
+            channel.eventLoop.scheduleTask(in: Self.amount(timeout)) { [weak self] in self?.timedOut(id) }
         }
         defer { timer?.cancel() }
         return try await withCheckedThrowingContinuation { continuation in
@@ -121,8 +120,7 @@ final class GuestAgentSession: Sendable {
         }
         guard let channel else { return }
         channel.writeAndFlush(ByteBuffer(bytes: Self.line(["t": "signal", "id": id, "sig": 9])), promise: nil)
-        Task { [weak self] in
-            try await Task.sleep(for: Self.killGrace)
+        channel.eventLoop.scheduleTask(in: Self.amount(Self.killGrace)) { [weak self] in
             guard let self else { return }
             let pending: Pending? = self.state.withLock { $0.pending.removeValue(forKey: id) }
             guard var pending else { return }
@@ -132,6 +130,11 @@ final class GuestAgentSession: Sendable {
     }
 
     static let killGrace: Duration = .seconds(5)
+
+    static func amount(_ duration: Duration) -> TimeAmount {
+        let (seconds, attoseconds) = duration.components
+        return .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+    }
 
     /// One line from the guest.
     func received(_ line: ByteBuffer) {

@@ -13,6 +13,9 @@ public struct NetworkSettings: Sendable, Hashable {
     public var dns: [String] = []
     /// Hosts (or `*.domain`) whose TLS is relayed untouched, for certificate-pinned clients.
     public var tlsBypass: [String] = []
+    /// The address (with its prefix) Keyhole puts on the guest-facing interface, such as
+    /// `10.0.2.1/30`; a sandbox picks a free one when it is nil.
+    public var gateway: String?
 
     public init() {}
 
@@ -23,6 +26,7 @@ public struct NetworkSettings: Sendable, Hashable {
         if !upstreamCA.isEmpty { entries.append(("upstream_ca", .strings(upstreamCA))) }
         if !dns.isEmpty { entries.append(("dns", .strings(dns))) }
         if !tlsBypass.isEmpty { entries.append(("tls_bypass", .strings(tlsBypass))) }
+        if let gateway { entries.append(("gateway", .string(gateway))) }
         return .map(entries)
     }
 }
@@ -113,6 +117,12 @@ public final class NetworkBuilder: SecretsConfigurable {
     /// A trusted resolver for the guest's DNS.
     @discardableResult public func dns(_ address: String) -> NetworkBuilder {
         networkSettings.dns.append(address)
+        return self
+    }
+
+    /// The address Keyhole puts on the guest-facing interface (`10.0.2.1/30`).
+    @discardableResult public func gateway(_ address: String) -> NetworkBuilder {
+        networkSettings.gateway = address
         return self
     }
 

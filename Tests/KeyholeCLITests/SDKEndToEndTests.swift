@@ -68,4 +68,39 @@ struct SDKEndToEndTests {
             #expect(!left.contains("agent.sock") && !left.contains("initrd"), "\(directory): \(left)")
         }
     }
+
+    /// `Appliance.builder(interface:)` through the example's `--appliance` mode: the drop-in
+    /// appliance from Swift in front of a guest namespace, then gone without a trace.
+    @Test func theExampleProgramGuardsAnInterfaceWithTheApplianceBuilder() throws {
+        try #require(FileManager.default.isExecutableFile(atPath: Self.example), "build the example first: make examples")
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        let api = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        let other = try harness.upstream("203.0.113.11", port: 443, cert: "other.example.test")
+        let rules = "nft list ruleset; iptables-nft-save | grep -v '^#'; ip6tables-nft-save | grep -v '^#'"
+        let before = try harness.appliance(rules).stdout
+        let out = harness.directory + "/appliance.out", err = harness.directory + "/appliance.err"
+        let arguments = [
+            "ip", "netns", "exec", harness.applianceNamespace, "env", "TOKEN=\(Self.realValue)", Self.example, "--appliance", harness.guestInterface,
+            "--gateway", "10.0.2.1/30", "--state-dir", harness.stateDirectory, "--upstream-ca", harness.directory + "/upca.pem",
+            "--audit-log", harness.auditLog, "TOKEN", "api.example.test",
+        ]
+        let process = try harness.spawn("/usr/bin/env", arguments, stdout: out, stderr: err)
+        harness.processes.append(process)
+        try harness.waitFor(file: err, containing: "guarding")
+        let launcher = LauncherEndToEndTests()
+        #expect(launcher.text(out) == "TOKEN=$MSB_TOKEN\n")
+        let ok = try harness.guestCurl("https://api.example.test/sdk-appliance", "-H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(ok.stdout == "ok\n", "\(ok.all)\n\(launcher.text(err))")
+        #expect(harness.header(harness.records(api).first ?? [:], "Authorization") == "Bearer \(Self.realValue)")
+        let blocked = try harness.guestCurl("https://other.example.test/steal", "-H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(blocked.status != 0 && harness.records(other).isEmpty)
+        kill(process.processIdentifier, SIGTERM)
+        let deadline = Date().addingTimeInterval(15)
+        while process.isRunning, Date() < deadline { usleep(50_000) }
+        #expect(!process.isRunning && process.terminationStatus == 0, "\(launcher.text(err))")
+        #expect(launcher.text(err).contains("substituted 1") && launcher.text(err).contains("violation 1"), "\(launcher.text(err))")
+        #expect(try harness.appliance(rules).stdout == before)
+        for text in [launcher.text(out), launcher.text(err), harness.audit] { #expect(!text.contains(Self.realValue)) }
+    }
 }

@@ -92,7 +92,7 @@ struct GuestAgentTests {
             server.listen(1)
             conn = server.accept()[0]
             conn.sendall(b'{"t":"ready"}\\n')
-            time.sleep(30)
+            time.sleep(300)
             """
         let directory = NSTemporaryDirectory() + "kh-silent-" + UUID().uuidString.prefix(8)
         let agent = try Agent(script: script, arguments: [directory + ".sock"])
@@ -104,10 +104,9 @@ struct GuestAgentTests {
         for _ in 0..<200 where !FileManager.default.fileExists(atPath: directory + ".sock") { try await Task.sleep(for: .milliseconds(25)) }
         try await session.connect(path: directory + ".sock")
         for _ in 0..<200 where !session.isReady { try await Task.sleep(for: .milliseconds(25)) }
-        let started = ContinuousClock.now
+        // Without the grace, this would wait until the guest hangs up (300 s) and then fail.
         let result = try await run(session, ["sleep", "100"], timeout: .milliseconds(200))
         #expect(result.timedOut && result.exitCode == 128 + 9)
-        #expect(ContinuousClock.now - started < .seconds(10))
     }
 
     /// A hostile guest: what it sends is input, never trusted. An over-long line, or one that
