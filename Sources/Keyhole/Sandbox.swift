@@ -102,7 +102,7 @@ public final class Sandbox: Sendable {
         guard let agent else { throw SandboxError.noAgent }
         guard !command.isEmpty else { throw SandboxError.invalidConfiguration(["run needs a command (an argv such as [\"sh\", \"-c\", \"…\"])"]) }
         let sent = command + environment.keys + environment.values + (workingDirectory.map { [$0] } ?? [])
-        for secret in policy.secrets where sent.contains(where: { Self.contains(Array($0.utf8), secret.value.bytes) }) {
+        for secret in policy.secrets where sent.contains(where: secret.value.occurs(in:)) {
             throw SandboxError.valueInCommand(secret.env)
         }
         do {
@@ -144,14 +144,7 @@ public final class Sandbox: Sendable {
     public var terminationReason: String? {
         guard let result = outcome.result else { return nil }
         if case .success(.terminated(let reason)) = result { return reason }
-        return record(result)
-    }
-
-    private func record(_ result: Result<Launcher.Outcome, any Error>) -> String { outcome.explain(result) }
-
-    static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
-        guard !needle.isEmpty, needle.count <= haystack.count else { return false }
-        return (0...(haystack.count - needle.count)).contains { haystack[$0..<$0 + needle.count].elementsEqual(needle) }
+        return outcome.explain(result)
     }
 }
 

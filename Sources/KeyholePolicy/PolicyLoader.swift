@@ -801,7 +801,7 @@ final class PolicyReader {
                     } else if secretEnvs.contains(name) {
                         error(keyNode, "guest.env '\(name)' is also a secret's env; the secret's placeholder goes there")
                     } else if let value = string(valueNode, "guest.env.\(name)") {
-                        if let secret = secrets.first(where: { PolicyReader.contains(Array(value.utf8), $0.value.bytes) }) {
+                        if let secret = secrets.first(where: { $0.value.occurs(in: value) }) {
                             error(valueNode, "guest.env '\(name)' holds the real value of secret '\(secret.env)'; the guest must see only its placeholder")
                         } else {
                             guest.env.append(EnvironmentEntry(name: name, value: value))

