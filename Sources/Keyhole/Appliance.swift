@@ -64,9 +64,7 @@ public final class ApplianceBuilder: NetworkConfigurable {
         }
         let policy = try policy()
         let state = stateDirectory ?? StateDirectory.resolved()
-        let log = try AuditDestination.open(audit)
-        let events = AsyncStream.makeStream(of: AuditEvent.self, bufferingPolicy: .bufferingNewest(10_000))
-        log.addObserver { [continuation = events.continuation] record in continuation.yield(AuditEvent(record)) }
+        let (log, events) = try AuditDestination.open(audit)
         let ca = try SandboxCA.loadOrCreate(stateDirectory: state)
         let forwarding = KeyholeNetfilter.Appliance.enableForwarding()
         let terminated = FirstReason()

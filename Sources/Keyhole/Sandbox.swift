@@ -47,9 +47,7 @@ public final class Sandbox: Sendable {
         policy: Policy, image: SandboxImage, stateDirectory: String, audit: AuditDestination, progress: (@Sendable (String) -> Void)?
     ) async throws -> Sandbox {
         guard geteuid() == 0 else { throw SandboxError.needsRoot }
-        let log = try AuditDestination.open(audit)
-        let events = AsyncStream.makeStream(of: AuditEvent.self, bufferingPolicy: .bufferingNewest(10_000))
-        log.addObserver { [continuation = events.continuation] record in continuation.yield(AuditEvent(record)) }
+        let (log, events) = try AuditDestination.open(audit)
         let socket = image == .builtin ? Launcher.agentSocketPath(stateDirectory: stateDirectory, sandbox: policy.name) : nil
         let record = LaunchRecord()
         let launcher = Launcher(
@@ -235,11 +233,19 @@ public struct AuditEvent: Sendable, Hashable {
 }
 
 extension AuditDestination {
-    static func open(_ destination: AuditDestination) throws -> AuditLog {
+    /// The audit log of a sandbox or appliance, and the stream of its events (the newest
+    /// 10,000 kept while nobody reads).
+    static func open(
+        _ destination: AuditDestination
+    ) throws -> (log: AuditLog, events: (stream: AsyncStream<AuditEvent>, continuation: AsyncStream<AuditEvent>.Continuation)) {
+        let log: AuditLog
         switch destination {
-        case .standardError: return AuditLog()
-        case .file(let path): return try AuditLog(path: path)
-        case .none: return AuditLog.discarding()
+        case .standardError: log = AuditLog()
+        case .file(let path): log = try AuditLog(path: path)
+        case .none: log = AuditLog.discarding()
         }
+        let events = AsyncStream.makeStream(of: AuditEvent.self, bufferingPolicy: .bufferingNewest(10_000))
+        log.addObserver { [continuation = events.continuation] record in continuation.yield(AuditEvent(record)) }
+        return (log, events)
     }
 }

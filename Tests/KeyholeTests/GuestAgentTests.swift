@@ -14,14 +14,29 @@ struct GuestAgentTests {
         let socket: String
         let process: Process
 
-        init(script: String = GuestAgentScript.source, arguments: [String]? = nil) throws {
+        /// A stand-in guest: `body` runs once the host has connected to the socket and the
+        /// stand-in has said it is ready (`conn` is the connection).
+        static func fake(_ body: String) throws -> Agent {
+            let script = """
+                import socket, sys, time
+                server = socket.socket(socket.AF_UNIX)
+                server.bind(sys.argv[1])
+                server.listen(1)
+                conn = server.accept()[0]
+                conn.sendall(b'{"t":"ready"}\\n')
+
+                """ + body
+            return try Agent(script: script, fake: true)
+        }
+
+        init(script: String = GuestAgentScript.source, fake: Bool = false) throws {
             directory = NSTemporaryDirectory() + "kh-agent-" + UUID().uuidString.prefix(8)
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
             socket = directory + "/agent.sock"
             try script.write(toFile: directory + "/agent.py", atomically: true, encoding: .utf8)
             process = Process()
             process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-            process.arguments = [directory + "/agent.py"] + (arguments ?? ["--listen", socket])
+            process.arguments = [directory + "/agent.py"] + (fake ? [socket] : ["--listen", socket])
             process.standardError = FileHandle(forWritingAtPath: "/dev/null")
             try process.run()
         }
@@ -85,25 +100,9 @@ struct GuestAgentTests {
 
     /// A guest that ignores the kill after a timeout does not hold the caller.
     @Test func aGuestThatNeverReportsTheEndOfATimedOutRunDoesNotHoldTheCaller() async throws {
-        let script = """
-            import socket, sys, time
-            server = socket.socket(socket.AF_UNIX)
-            server.bind(sys.argv[1])
-            server.listen(1)
-            conn = server.accept()[0]
-            conn.sendall(b'{"t":"ready"}\\n')
-            time.sleep(300)
-            """
-        let directory = NSTemporaryDirectory() + "kh-silent-" + UUID().uuidString.prefix(8)
-        let agent = try Agent(script: script, arguments: [directory + ".sock"])
-        defer {
-            agent.close()
-            try? FileManager.default.removeItem(atPath: directory + ".sock")
-        }
-        let session = GuestAgentSession()
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: directory + ".sock") { try await Task.sleep(for: .milliseconds(25)) }
-        try await session.connect(path: directory + ".sock")
-        for _ in 0..<200 where !session.isReady { try await Task.sleep(for: .milliseconds(25)) }
+        let agent = try Agent.fake("time.sleep(300)\n")
+        defer { agent.close() }
+        let session = try await agent.connected()
         // Without the grace, this would wait until the guest hangs up (300 s) and then fail.
         let result = try await run(session, ["sleep", "100"], timeout: .milliseconds(200))
         #expect(result.timedOut && result.exitCode == 128 + 9)
@@ -118,28 +117,16 @@ struct GuestAgentTests {
         ("an output stream that is neither 1 nor 2", "conn.sendall(b'{\"t\":\"out\",\"id\":1,\"fd\":7,\"data\":\"\"}\\n')"),
     ])
     func aGuestThatBreaksTheProtocolFailsClosed(_ attack: (String, String)) async throws {
-        let script = """
-            import socket, sys, time
-            server = socket.socket(socket.AF_UNIX)
-            server.bind(sys.argv[1])
-            server.listen(1)
-            conn = server.accept()[0]
-            conn.sendall(b'{"t":"ready"}\\n')
+        let agent = try Agent.fake(
+            """
             conn.recv(65536)
             time.sleep(0.2)
             \(attack.1)
             time.sleep(5)
-            """
-        let directory = NSTemporaryDirectory() + "kh-hostile-" + UUID().uuidString.prefix(8)
-        let agent = try Agent(script: script, arguments: [directory + ".sock"])
-        defer {
-            agent.close()
-            try? FileManager.default.removeItem(atPath: directory + ".sock")
-        }
-        let session = GuestAgentSession()
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: directory + ".sock") { try await Task.sleep(for: .milliseconds(25)) }
-        try await session.connect(path: directory + ".sock")
-        for _ in 0..<200 where !session.isReady { try await Task.sleep(for: .milliseconds(25)) }
+
+            """)
+        defer { agent.close() }
+        let session = try await agent.connected()
         await #expect(throws: SandboxError.self, "\(attack.0)") { try await run(session, ["true"]) }
         guard case .agentProtocol? = session.failure else {
             Issue.record("\(attack.0): \(String(describing: session.failure))")
