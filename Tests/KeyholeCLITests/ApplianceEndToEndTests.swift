@@ -143,6 +143,8 @@ struct ApplianceEndToEndTests {
             """.write(toFile: secondPolicy, atomically: true, encoding: .utf8)
         try harness.startProxy(policy: Self.policy, extra: ["--interface", second.interface, "--policy", secondPolicy])
         try harness.waitFor(file: harness.proxyStderr, containing: "guarding \(second.interface) for sandbox second")
+        // The placeholders go to stdout once every interface is up (after the stderr line above).
+        try harness.waitFor(file: harness.proxyStdout, containing: "OTHER=$MSB_OTHER")
         let placeholders = try String(contentsOfFile: harness.proxyStdout, encoding: .utf8)
         #expect(placeholders.contains("TOKEN=$MSB_TOKEN") && placeholders.contains("OTHER=$MSB_OTHER"))
 
