@@ -9,6 +9,7 @@ packages=(
   iptables nftables iproute2 kmod                           # appliance: rules, namespaces, TAP
   dnsmasq-base curl openssl python3 procps psmisc iputils-ping # tests: resolver, clients, servers
   python3-requests python3-httpx nodejs                     # tests: runtimes with their own CA bundles
+  python3-h2 python3-grpcio nghttp2-client                  # tests: HTTP/2 clients (httpx http2, gRPC, h2load)
   qemu-system-x86 cpio zstd xz-utils genisoimage            # launcher: guests, initramfs, cloud-init seed
 )
 

@@ -132,6 +132,7 @@ public enum FramingError: String, Sendable, Hashable, Error {
     case upgradeHoldExceeded = "upgrade-hold-exceeded"
     case heldBodyBudgetExhausted = "held-body-budget-exhausted"
     case websocketProtocol = "websocket-protocol-error"
+    case malformedHTTP2Request = "malformed-http2-request"
 
     public var explanation: String {
         switch self {
@@ -160,6 +161,8 @@ public enum FramingError: String, Sendable, Hashable, Error {
             return "a WebSocket frame from the guest breaks RFC 6455 (unmasked, reserved bits or opcode, or a bad control frame), or uses an extension Keyhole cannot read"
         case .heldBodyBudgetExhausted:
             return "the proxy already holds as many bodies for substitution as its memory budget allows (send this one chunked, or retry)"
+        case .malformedHTTP2Request:
+            return "an HTTP/2 request without exactly one :method, :path and :authority, with an unknown pseudo-header, a CONNECT, or trailers without a body"
         case .upgradeHoldExceeded: return "more bytes after an upgrade request than are held until the upstream answers it"
         case .invalidHost: return "the Host header or the target's authority is not a plain host[:port] (brackets only around an IPv6 address)"
         }

@@ -18,7 +18,8 @@ import NIOCore
 ///    CONNECT host (`tunnel`).
 struct FirstFlightStateMachine {
     enum Kind: Equatable, Sendable {
-        case tls(serverName: String?)
+        /// `http2`: the ClientHello offers `h2` (then the upstream is offered it too).
+        case tls(serverName: String?, http2: Bool = false)
         case http
         case opaque
     }
@@ -252,7 +253,7 @@ struct FirstFlightStateMachine {
         let bytes = Array(buffered.readableBytesView.prefix(Self.maxBuffered))
         switch ClientHello.parse(bytes) {
         case .clientHello(let name):
-            return .flow(.tls(serverName: name))
+            return .flow(.tls(serverName: name, http2: ClientHello.applicationProtocols(bytes).contains("h2")))
         case .incomplete:
             return timedOut || buffered.readableBytes >= Self.maxBuffered ? .flow(.opaque) : nil
         case .notClientHello:

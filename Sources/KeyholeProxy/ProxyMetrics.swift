@@ -29,6 +29,8 @@ public final class ProxyMetrics: Sendable {
     let factory: PrometheusMetricsFactory
 
     let connectionsTLS: Counter
+    /// Intercepted TLS connections that speak HTTP/2 on both legs (also counted as tls).
+    let connectionsHTTP2: Counter
     let connectionsHTTP: Counter
     let connectionsOpaque: Counter
     let connectionsBypass: Counter
@@ -69,6 +71,7 @@ public final class ProxyMetrics: Sendable {
             Counter(label: name, dimensions: labels + dimensions, factory: factory)
         }
         connectionsTLS = counter("keyhole_connections_total", [("kind", "tls")])
+        connectionsHTTP2 = counter("keyhole_connections_total", [("kind", "http2")])
         connectionsHTTP = counter("keyhole_connections_total", [("kind", "http")])
         connectionsOpaque = counter("keyhole_connections_total", [("kind", "opaque")])
         connectionsBypass = counter("keyhole_connections_total", [("kind", "tls-bypass")])

@@ -39,30 +39,7 @@ final class GuestSideHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        let text = "\(error)"
-        let duringHandshake = session.serverName != nil && !handshakeDone && session.rewriter?.identity.isTLS == true
-        // The guest's TLS client refused the forged certificate. An explicit alert names it
-        // (unknown CA, bad certificate); more often the TLS 1.3 client's alert arrives as a
-        // record BoringSSL cannot read (BAD_PACKET_LENGTH), or the client just hangs up
-        // mid-handshake. Say what it most likely is, and how to fix it.
-        let alert = ["UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE"].contains(where: text.contains)
-        var aborted = text.contains("BAD_PACKET_LENGTH")
-        if let ssl = error as? NIOSSLError, case .uncleanShutdown = ssl { aborted = true }
-        if alert || (duringHandshake && aborted) {
-            session.record(
-                .warn, "guest-does-not-trust-ca", reason: alert ? "tls-alert" : "handshake-aborted",
-                detail: (alert ? "the guest's TLS client rejected Keyhole's certificate" : "the guest's TLS client gave up during the handshake, after Keyhole's certificate (most often: it does not trust the sandbox CA)")
-                    + " (\(text)): install the sandbox CA in the guest; `keyhole ca install-script` prints a script that does it for the system store and for runtimes with their own bundles (Python requests/httpx, Node, gRPC, Java)")
-            session.abort()
-            return
-        }
-        // A peer that closes without close_notify is common and harmless: just close.
-        if let ssl = error as? NIOSSLError, case .uncleanShutdown = ssl {
-            session.guestClosed()
-            return
-        }
-        session.record(.warn, "guest-error", detail: text)
-        session.abort()
+        session.guestFailed(error, handshakeDone: handshakeDone)
     }
 }
 
@@ -161,17 +138,18 @@ extension UpstreamHoldHandler: Sendable {}
 /// Completes when the upstream TLS handshake (with full verification) completes.
 final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
-    let promise: EventLoopPromise<Void>
+    /// Succeeds with the protocol ALPN chose (nil for none).
+    let promise: EventLoopPromise<String?>
     var done = false
 
-    init(promise: EventLoopPromise<Void>) {
+    init(promise: EventLoopPromise<String?>) {
         self.promise = promise
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event, !done {
+        if case TLSUserEvent.handshakeCompleted(let chosen) = event, !done {
             done = true
-            promise.succeed()
+            promise.succeed(chosen)
         }
         context.fireUserInboundEventTriggered(event)
     }

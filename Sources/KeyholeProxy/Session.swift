@@ -38,9 +38,16 @@ final class Session {
     /// With `block_response: http`: the answer to the blocked request, sent instead of a
     /// reset once the engine stops.
     var blockAnswer: ByteBuffer?
+    /// The same on HTTP/2: the reason and the JSON body for the blocked stream's `403`.
+    var blockAnswerHTTP2: (reason: String, body: String)?
     /// Inside a guest's `CONNECT host:port` tunnel: the host (normalized). A TLS flow in it
     /// must name this host in its SNI.
     var tunnelHost: String?
+    /// The guest's ClientHello offers `h2`: so is the upstream (`upstreamProtocol` is what it chose).
+    var guestOffersHTTP2 = false
+    var upstreamProtocol: String?
+    /// Both legs speak HTTP/2.
+    weak var http2: HTTP2Relay?
 
     init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy) {
         self.id = id
@@ -100,8 +107,9 @@ final class Session {
         guard let upstream, !finished else { return loop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
         let handlerContext = NIOLoopBound(context, eventLoop: loop)
         switch kind {
-        case .tls(let name):
+        case .tls(let name, let offersHTTP2):
             serverName = name.map { HostName.normalize($0) }
+            guestOffersHTTP2 = offersHTTP2
             if let tunnelHost, serverName != tunnelHost {
                 record(
                     .warn, "tunnel-sni-mismatch", reason: "the TLS server name is not the CONNECT host", action: "reset",
@@ -119,8 +127,10 @@ final class Session {
                     let cached = self.shared.tls.hasCachedContext(for: name)
                     if cached { self.shared.metrics.leafCacheHits.increment() } else { self.shared.metrics.leafCacheMisses.increment() }
                     let tls = self.shared.tls
+                    // The guest is offered h2 only when the upstream chose it.
+                    let http2 = self.upstreamProtocol == "h2"
                     // Forging signs a certificate: keep it off the event loop.
-                    return self.shared.threadPool.runIfActive(eventLoop: loop) { try tls.serverContext(for: name) }
+                    return self.shared.threadPool.runIfActive(eventLoop: loop) { try tls.serverContext(for: name, http2: http2) }
                 }
                 .flatMap { serverContext in
                     self.finishSetup(relayOnly: false, guestTLS: serverContext, context: handlerContext.value)
@@ -140,17 +150,20 @@ final class Session {
         // Only a valid host name is a name: anything else is sent as no SNI, and the flow
         // has no verified name (no secret can flow on it).
         let hostname = serverName.flatMap { HostName.problem(with: $0) == nil ? $0 : nil }
-        let handshake = upstream.eventLoop.makePromise(of: Void.self)
+        let handshake = upstream.eventLoop.makePromise(of: String?.self)
         let client: NIOSSLClientHandler
         do {
-            client = try NIOSSLClientHandler(context: shared.tls.upstreamContext, serverHostname: hostname)
+            // h2 is offered upstream only for a guest that offers it.
+            let context = guestOffersHTTP2 ? shared.tls.upstreamContextHTTP2 : shared.tls.upstreamContext
+            client = try NIOSSLClientHandler(context: context, serverHostname: hostname)
             let pipeline = upstream.pipeline.syncOperations
             try pipeline.addHandler(client, position: .first)
             try pipeline.addHandler(HandshakeWatcher(promise: handshake), position: .after(client))
         } catch {
             return upstream.eventLoop.makeFailedFuture(error)
         }
-        return handshake.futureResult.assumeIsolated().flatMapThrowing { () -> Void in
+        return handshake.futureResult.assumeIsolated().flatMapThrowing { (chosen: String?) -> Void in
+            self.upstreamProtocol = chosen
             // The chain verified (NIOSSL, against the trust roots). The name is ours to
             // check: a dNSName SAN matching the SNI, never an iPAddress SAN.
             guard let hostname else { return }
@@ -184,8 +197,11 @@ final class Session {
             let guestPipeline = guest.pipeline.syncOperations
             let upstreamPipeline = upstream.pipeline.syncOperations
             if !relayOnly {
+                var guestTLSHandler: NIOSSLServerHandler?
                 if let guestTLS {
-                    try guestPipeline.addHandler(NIOSSLServerHandler(context: guestTLS), position: .after(context.handler))
+                    let handler = NIOSSLServerHandler(context: guestTLS)
+                    try guestPipeline.addHandler(handler, position: .after(context.handler))
+                    guestTLSHandler = handler
                 }
                 let identity = makeIdentity(tls: guestTLS != nil)
                 // Responses are masked where a value may go upstream: a secret is allowed
@@ -193,6 +209,19 @@ final class Session {
                 // substitution happened on it).
                 let names = identity.sni.map { [$0] } ?? Array(identity.dnsPinnedNames)
                 let masking = !opaque && policy.secrets.contains { secret in names.contains { secret.allowedHosts.allows($0) } }
+                if let guestTLSHandler, upstreamProtocol == "h2" {
+                    // Both legs speak HTTP/2: streams, each through the engine.
+                    shared.metrics.connectionsHTTP2.increment()
+                    let relay = HTTP2Relay(session: self, identity: identity, masking: masking)
+                    if let watcher = try? upstreamPipeline.handler(type: HandshakeWatcher.self) {
+                        upstreamPipeline.removeHandler(watcher, promise: nil)
+                    }
+                    try relay.install(guestTLS: guestTLSHandler, upstream: upstream)
+                    http2 = relay
+                    try guestPipeline.addHandler(IdleStateHandler(allTimeout: shared.configuration.idleTimeout), position: .first)
+                    try upstreamPipeline.handler(type: UpstreamHoldHandler.self).release()
+                    return guest.eventLoop.makeSucceededVoidFuture()
+                }
                 var configuration = RewriterConfiguration()
                 configuration.identityResponses = masking
                 rewriter = RequestRewriter(
@@ -401,7 +430,7 @@ final class Session {
         }
     }
 
-    private func handle(_ event: RewriteEvent) {
+    func handle(_ event: RewriteEvent) {
         switch event {
         case .substituted(let secret, let site, let request):
             masker?.activate()
@@ -462,11 +491,42 @@ final class Session {
         }
     }
 
+    /// An error on the guest's connection. The guest's TLS client refused the forged
+    /// certificate: an explicit alert names it (unknown CA, bad certificate); more often the
+    /// TLS 1.3 client's alert arrives as a record BoringSSL cannot read (BAD_PACKET_LENGTH),
+    /// or the client just hangs up mid-handshake. Say what it most likely is, and how to fix
+    /// it. A close without close_notify is common and harmless: just close.
+    func guestFailed(_ error: any Error, handshakeDone: Bool) {
+        let text = "\(error)"
+        let intercepted = rewriter?.identity.isTLS ?? (http2 != nil)
+        let duringHandshake = serverName != nil && !handshakeDone && intercepted
+        let alert = ["UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE"].contains(where: text.contains)
+        var aborted = text.contains("BAD_PACKET_LENGTH")
+        if let ssl = error as? NIOSSLError, case .uncleanShutdown = ssl { aborted = true }
+        if alert || (duringHandshake && aborted) {
+            record(
+                .warn, "guest-does-not-trust-ca", reason: alert ? "tls-alert" : "handshake-aborted",
+                detail: (alert
+                    ? "the guest's TLS client rejected Keyhole's certificate"
+                    : "the guest's TLS client gave up during the handshake, after Keyhole's certificate (most often: it does not trust the sandbox CA)")
+                    + " (\(text)): install the sandbox CA in the guest; `keyhole ca install-script` prints a script that does it for the system store and for runtimes with their own bundles (Python requests/httpx, Node, gRPC, Java)")
+            abort()
+            return
+        }
+        if let ssl = error as? NIOSSLError, case .uncleanShutdown = ssl {
+            guestClosed()
+            return
+        }
+        record(.warn, "guest-error", detail: text)
+        abort()
+    }
+
     /// A violation or broken framing: reset the guest (or, with `block_response: http`,
     /// answer the blocked request and close), drop the upstream.
     func abort() {
         guard !finished else { return }
         finished = true
+        http2 = nil
         headDeadline?.cancel()
         upstream?.close(promise: nil)
         if let answer = blockAnswer {
@@ -482,16 +542,34 @@ final class Session {
     /// or plain), not a relayed or WebSocket stream, and no earlier response still on its
     /// way (it would arrive out of order). Returns whether it will be sent.
     private func prepareBlockAnswer(secret: String?, host: String?, reason: String, site: Site?, action: String) -> Bool {
-        guard policy.network.blockResponse == .http, let masker, masker.betweenResponses else { return false }
+        guard policy.network.blockResponse == .http else { return false }
         let streamed: Set<Site> = [.upgraded, .opaque, .websocket]
         if let site, streamed.contains(site) { return false }
+        if http2 != nil {
+            // On HTTP/2 the blocked stream is answered (if nothing of its response went out).
+            blockAnswerHTTP2 = (reason, Self.blockBody(secret: secret, host: host ?? serverName ?? destinationText, reason: reason, site: site, action: action))
+            return true
+        }
+        guard let masker, masker.betweenResponses else { return false }
         // A request blocked in its body was already announced upstream: it may be the one
         // outstanding response (which will never come: the upstream is closed).
         let announced = site == .body || site == .trailer ? 1 : 0
         guard masker.outstandingResponses <= announced else { return false }
+        let body = Self.blockBody(secret: secret, host: host ?? serverName ?? destinationText, reason: reason, site: site, action: action)
+        var answer = ByteBuffer()
+        answer.writeString(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n"
+                + "Connection: close\r\nX-Keyhole-Blocked: \(reason)\r\n\r\n")
+        answer.writeString(body)
+        blockAnswer = answer
+        return true
+    }
+
+    /// The JSON of a `block_response: http` answer: what was blocked and why (never a value).
+    static func blockBody(secret: String?, host: String, reason: String, site: Site?, action: String) -> String {
         var fields: [(String, String)] = [("error", "blocked_by_keyhole")]
         if let secret { fields.append(("secret", secret)) }
-        fields.append(("host", host ?? serverName ?? destinationText))
+        fields.append(("host", host))
         fields.append(("reason", reason))
         if let site { fields.append(("site", site.rawValue)) }
         fields.append(("action", action))
@@ -501,14 +579,7 @@ final class Session {
                 ? "the request named another host than the one the connection goes to (domain fronting is refused)"
                 : "Keyhole substitutes a secret's placeholder only for the hosts its policy allows, in the sites it allows; this request was not sent. See the Keyhole README, 'Substitution semantics'."
         ))
-        let body = "{" + fields.map { "\(AuditRecord.quote($0.0)):\(AuditRecord.quote($0.1))" }.joined(separator: ",") + "}\n"
-        var answer = ByteBuffer()
-        answer.writeString(
-            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n"
-                + "Connection: close\r\nX-Keyhole-Blocked: \(reason)\r\n\r\n")
-        answer.writeString(body)
-        blockAnswer = answer
-        return true
+        return "{" + fields.map { "\(AuditRecord.quote($0.0)):\(AuditRecord.quote($0.1))" }.joined(separator: ",") + "}\n"
     }
 
     // MARK: CONNECT

@@ -46,6 +46,35 @@ public enum ClientHello {
         return .clientHello(serverName: nil)
     }
 
+    /// The application protocols (ALPN) the ClientHello in `bytes` offers, in its order;
+    /// empty when it offers none or is not a whole ClientHello.
+    public static func applicationProtocols(_ bytes: [UInt8]) -> [String] {
+        guard bytes.count >= 5, bytes[0] == 0x16, bytes[1] == 0x03 else { return [] }
+        let recordLength = Int(bytes[3]) << 8 | Int(bytes[4])
+        guard recordLength >= 4, bytes.count >= 5 + recordLength else { return [] }
+        var reader = Reader(bytes: bytes[5..<(5 + recordLength)])
+        guard reader.u8() == 0x01, reader.u24() != nil, reader.skip(2 + 32),
+            let sessionLength = reader.u8(), reader.skip(Int(sessionLength)),
+            let suitesLength = reader.u16(), reader.skip(Int(suitesLength)),
+            let compressionLength = reader.u8(), reader.skip(Int(compressionLength)),
+            let extensionsLength = reader.u16()
+        else { return [] }
+        var extensions = Reader(bytes: reader.take(Int(extensionsLength)) ?? [])
+        while let type = extensions.u16(), let size = extensions.u16() {
+            guard let body = extensions.take(Int(size)) else { break }
+            guard type == 16 else { continue }  // application_layer_protocol_negotiation
+            var list = Reader(bytes: body)
+            guard let listLength = list.u16() else { return [] }
+            var entries = Reader(bytes: list.take(Int(listLength)) ?? [])
+            var protocols: [String] = []
+            while let length = entries.u8(), let name = entries.take(Int(length)) {
+                if let text = String(validating: name, as: UTF8.self) { protocols.append(text) }
+            }
+            return protocols
+        }
+        return []
+    }
+
     struct Reader {
         var bytes: ArraySlice<UInt8>
 

@@ -171,6 +171,29 @@ struct LauncherEndToEndTests {
         try expectCleanedUp(harness, rulesBefore: before)
     }
 
+    /// The VM's curl speaks HTTP/2 through `keyhole run` to an HTTP/2 upstream (the builtin
+    /// image has no gRPC library; grpcio runs against a namespace guest in
+    /// HTTP2EndToEndTests, through the same `GuardedInterface`).
+    @Test func theGuestSpeaksHTTP2ThroughKeyholeRun() throws {
+        let harness = try ProxyHarness(mode: .launcher)
+        defer { harness.close() }
+        let log = try HTTP2EndToEndTests.upstreamH2(harness, "203.0.113.10", cert: "api.example.test")
+        let script = """
+            curl -sS --http2 --max-time 20 -w ' %{http_version}' -H "Authorization: Bearer $TOKEN" https://api.example.test/vm-h2
+            curl -sS --http2 --max-time 20 -w ' %{http_version}' -H "Authorization: Bearer $TOKEN" https://api.example.test/reflect
+            """
+        let run = try start(harness, policy: Self.policy(harness), command: ["sh", "-c", script])
+        let status = wait(run)
+        let out = text(run.stdout), err = text(run.stderr)
+        #expect(status == 0, "stdout:\n\(out)\nstderr:\n\(err)")
+        #expect(out.hasPrefix("ok\n 2{\"token\": \"$MSB_TOKEN"), "\(out)\n\(err)")
+        #expect(out.hasSuffix(" 2"), "\(out)")
+        let records = harness.records(log)
+        #expect(records.count == 2)
+        #expect(records.allSatisfy { $0["protocol"] as? String == "h2" && harness.header($0, "authorization") == "Bearer \(Self.realValue)" })
+        for text in [out, err, text(harness.auditLog)] { #expect(!text.contains(Self.realValue)) }
+    }
+
     @Test func sigintStopsTheGuestAndRemovesTheTAPAndRules() throws {
         let harness = try ProxyHarness(mode: .launcher)
         defer { harness.close() }

@@ -67,10 +67,11 @@ struct InterceptionTests {
     }
 
     /// A real ClientHello, as NIOSSL's client writes it.
-    func clientHello(serverName: String?) throws -> [UInt8] {
+    func clientHello(serverName: String?, alpn: [String] = []) throws -> [UInt8] {
         let channel = EmbeddedChannel()
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.certificateVerification = .none
+        configuration.applicationProtocols = alpn
         let handler = try NIOSSLClientHandler(context: try NIOSSLContext(configuration: configuration), serverHostname: serverName)
         try channel.pipeline.syncOperations.addHandler(handler)
         channel.pipeline.fireChannelActive()
@@ -78,6 +79,20 @@ struct InterceptionTests {
         while let buffer = try channel.readOutbound(as: ByteBuffer.self) { bytes += buffer.readableBytesView }
         _ = try? channel.finish()
         return bytes
+    }
+
+    @Test func readsTheApplicationProtocolsFromARealClientHello() throws {
+        #expect(ClientHello.applicationProtocols(try clientHello(serverName: "a.example.test", alpn: ["h2", "http/1.1"])) == ["h2", "http/1.1"])
+        #expect(ClientHello.applicationProtocols(try clientHello(serverName: nil, alpn: ["h2"])) == ["h2"])
+        #expect(ClientHello.applicationProtocols(try clientHello(serverName: "a.example.test")) == [])
+        let hello = try clientHello(serverName: "a.example.test", alpn: ["h2"])
+        #expect(ClientHello.applicationProtocols(Array(hello.prefix(hello.count - 1))) == [])
+        for cut in stride(from: 5, to: hello.count, by: 5) {
+            var mangled = hello
+            mangled[3] = UInt8((cut - 5) >> 8)
+            mangled[4] = UInt8((cut - 5) & 0xFF)
+            _ = ClientHello.applicationProtocols(Array(mangled.prefix(cut)))
+        }
     }
 
     @Test func readsTheServerNameFromARealClientHello() throws {
