@@ -223,8 +223,15 @@ struct HTTP2EndToEndTests {
             let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
             return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
         }
+        /// utime + stime, in clock ticks (100 per second).
+        func cpuTicks() -> Int {
+            let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+            let fields = stat.split(separator: ")").last?.split(separator: " ") ?? []
+            return fields.count > 12 ? (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0) : 0
+        }
         #expect(try curl(harness, "https://api.example.test/warm").stdout == "ok\n")
         let before = rss()
+        let cpuBefore = cpuTicks()
         func attack(_ mode: String, count: Int) throws -> String {
             try harness.guest(
                 "/usr/bin/python3 \(ProxyHarness.fixture("h2_attack.py")) \(mode) --host api.example.test --cafile \(harness.stateDirectory)/ca.pem --count \(count)",
@@ -243,6 +250,13 @@ struct HTTP2EndToEndTests {
         #expect(settings.contains("goaway 11"), "\(settings)")
         let push = try attack("push-promise", count: 1)
         #expect(push.contains("goaway 1"), "\(push)")
+        // A header list over 64 KiB: refused before it is ever decoded into fields.
+        let big = try attack("big-headers", count: 1)
+        #expect(big.contains("goaway") || big.contains("closed"), "\(big)")
+        #expect(!harness.audit.contains("\"event\":\"substituted\""))
+        // The floods cost the proxy little CPU: each is cut off early.
+        let cpu = Double(cpuTicks() - cpuBefore) / 100
+        #expect(cpu < 10, "the attacks took \(cpu) s of the proxy's CPU")
         // Memory stays bounded, and the proxy still serves.
         let after = rss()
         #expect(after - before < 64 * 1024, "RSS grew from \(before) kB to \(after) kB")

@@ -181,4 +181,20 @@ struct HTTP2ExchangeTests {
         #expect(output.guest.isEmpty)
         #expect(output.maskEvents.contains { if case .framingError(.valueInResponse, _) = $0 { true } else { false } })
     }
+
+    @Test func aQueryPlaceholderInThePathFollowsInjectQuery() {
+        var inject = Injection()
+        inject.query = true
+        let on = exchange([secret("TOKEN", value: "real-token-value", inject: inject)])
+        var output = H2Output()
+        on.requestHeaders(request("/v1?key=\(placeholder)&x=1"), endStream: true, into: &output)
+        #expect(Self.value(output.upstream.first, ":path") == "/v1?key=real-token-value&x=1")
+        // Off (the default): a violation, and nothing goes upstream.
+        let off = exchange()
+        var refused = H2Output()
+        off.requestHeaders(request("/v1?key=\(placeholder)"), endStream: true, into: &refused)
+        #expect(off.requestBlocked)
+        #expect(refused.upstream.isEmpty)
+        #expect(refused.rewriteEvents.contains { if case .violation(let v) = $0 { v.site == .query } else { false } })
+    }
 }

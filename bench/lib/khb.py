@@ -15,6 +15,7 @@
 """
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -117,6 +118,42 @@ def add_wrk(raw, contender, workload, rnd, check_json, cpu_s="-"):
               f"  p99 {rec['p99_us']/1000:.2f} ms  errors {rec['errors']}  check {status}"
               f" ({check.get('real', '?')} real, {check.get('placeholder', '?')} placeholder,"
               f" {check.get('other', '?')} other)"
+              + (f"  proxy CPU {rec['proxy_cpu_pct']:.0f}% ({rec.get('proxy_cpu_us_per_req', 0):.0f} µs/req)" if "proxy_cpu_pct" in rec else ""))
+    else:
+        print(f"  {workload:6} {contender:10} round {rnd}: FAILED: {rec['error'][:200]}")
+
+
+def add_h2load(raw, contender, workload, rnd, check_json, cpu_s="-", duration="0"):
+    """h2load's summary: 'finished in 6.00s, 1234.5 req/s, ...', 'requests: N total, N started,
+    N done, N succeeded, N failed, N errored, N timeout', 'time for request: min max mean sd'."""
+    out = sys.stdin.read()
+    rec = {"contender": contender, "workload": workload, "round": int(rnd), "proxy_cpu_s": cpu_value(cpu_s)}
+    check = json.loads(check_json) if check_json else {"ok": False, "why": "no check"}
+    rec["check"] = check
+    finished = re.search(r"finished in ([0-9.]+)s, ([0-9.]+) req/s", out)
+    requests = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    timing = re.search(r"time for request:\s+([0-9.]+)(us|ms|s)\s+([0-9.]+)(us|ms|s)\s+([0-9.]+)(us|ms|s)", out)
+    if not finished or not requests:
+        rec["error"] = "h2load produced no result: " + out[-400:]
+    else:
+        secs = float(finished.group(1))
+        succeeded = int(requests.group(4))
+        rec["requests"] = succeeded
+        rec["rate"] = succeeded / secs if secs > 0 else 0.0
+        rec["errors"] = int(requests.group(5)) + int(requests.group(6))
+        if timing:
+            scale = {"us": 1, "ms": 1000, "s": 1e6}
+            rec["mean_us"] = float(timing.group(5)) * scale[timing.group(6)]
+            rec["max_us"] = float(timing.group(3)) * scale[timing.group(4)]
+        if rec["proxy_cpu_s"] is not None and secs > 0:
+            rec["proxy_cpu_pct"] = rec["proxy_cpu_s"] / secs * 100
+            if succeeded:
+                rec["proxy_cpu_us_per_req"] = rec["proxy_cpu_s"] / succeeded * 1e6
+    append(raw, rec)
+    status = "ok" if check.get("ok") else "CHECK FAILED"
+    if "rate" in rec:
+        print(f"  {workload:6} {contender:10} round {rnd}: {rec['rate']:10.0f}/s  mean {rec.get('mean_us', 0)/1000:.2f} ms"
+              f"  errors {rec['errors']}  check {status}"
               + (f"  proxy CPU {rec['proxy_cpu_pct']:.0f}% ({rec.get('proxy_cpu_us_per_req', 0):.0f} µs/req)" if "proxy_cpu_pct" in rec else ""))
     else:
         print(f"  {workload:6} {contender:10} round {rnd}: FAILED: {rec['error'][:200]}")
@@ -467,6 +504,36 @@ def report(raw, meta_path, out_md, out_png):
                  f"{med(s_, 'proxy_cpu_s_per_gib', 1, 2)} | {rss} | {real_at} | {check_text(s_)} |")
     L.append("")
 
+    # (h2) HTTP/2 keep-alive
+    h2c = [c for c in contenders if c in ("direct", "nginx", "keyhole")]
+    if any(r["workload"] == "h2" for r in records):
+        L.append("## (h2) HTTP/2 keep-alive, small requests")
+        L.append("")
+        L.append(f"h2load (nghttp2) `-t1 -c{p['connections']} -m{p.get('h2_streams', 10)}`: {p['connections']} HTTP/2 "
+                 f"connections with {p.get('h2_streams', 10)} concurrent streams each, `GET /` with "
+                 "`authorization: Bearer $MSB_TOKEN`, for the same duration as wrk. Keyhole speaks HTTP/2 on both "
+                 "legs (the upstream nginx has `http2`), each stream through the engine; nginx speaks HTTP/2 to the "
+                 "client and HTTP/1.1 to the upstream over its keep-alive pool (it proxies HTTP/2 only through "
+                 "`grpc_pass`). mitmproxy and Squid are not in this table. h2load does not verify certificates.")
+        L.append("")
+        L.append("| contender | requests/s | ± | mean ms | × nginx | × direct | proxy CPU | CPU µs / request | h2load errors | upstream check |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        h2 = {c: summarize(records, "h2", c, "rate") for c in h2c}
+        h2_n, h2_d = valid(h2.get("nginx", {})), valid(h2.get("direct", {}))
+        for c in h2c:
+            s_ = h2[c]
+            mean = errs = "—"
+            if "records" in s_:
+                means = [r["mean_us"] for r in s_["records"] if "mean_us" in r]
+                if means:
+                    mean = f"{statistics.median(means) / 1000:.2f}"
+                errs = str(sum(r.get("errors", 0) for r in s_["records"]))
+            L.append(f"| {LABELS[c]} | {cell(s_)} | {spread(s_)} | {mean} | "
+                     f"{fmt_ratio(valid(s_), h2_n) if c != 'nginx' else '1.00×' if h2_n else '—'} | "
+                     f"{fmt_ratio(valid(s_), h2_d) if c != 'direct' else '1.00×' if h2_d else '—'} | "
+                     f"{pct(s_)} | {med(s_, 'proxy_cpu_us_per_req', 1, 1)} | {errs} | {check_text(s_)} |")
+        L.append("")
+
     notes = meta.get("notes", [])
     if notes:
         L.append("## Notes")
@@ -533,6 +600,8 @@ def main():
         print(json.dumps(auth_check(*args)))
     elif cmd == "add-wrk":
         add_wrk(*args)
+    elif cmd == "add-h2load":
+        add_h2load(*args)
     elif cmd == "add-upload":
         add_upload(*args)
     elif cmd == "add-download":

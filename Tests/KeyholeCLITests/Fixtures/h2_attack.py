@@ -6,6 +6,8 @@
   ping-flood    --count PING frames
   settings-flood --count SETTINGS frames
   push-promise  a PUSH_PROMISE from the client (clients may not push)
+  big-headers   one header block of 80 KiB (over the 64 KiB header list limit), in a HEADERS
+                frame and 4 CONTINUATION frames of 16 KiB
 
 Prints how the connection ended: "goaway <error code>", "closed" (without GOAWAY), or
 "open" if it was still open after everything was sent (then "frames <n>" before it).
@@ -23,6 +25,17 @@ def header_block(host, path="/"):
     for name, value in [(":method", "GET"), (":scheme", "https"), (":path", path), (":authority", host)]:
         out += b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
     return out
+
+def encode_length(n):
+    """An HPACK string length (7-bit prefix integer, no Huffman)."""
+    if n < 127:
+        return bytes([n])
+    out, n = [127], n - 127
+    while n >= 128:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 def main():
     p = argparse.ArgumentParser()
@@ -56,6 +69,16 @@ def main():
             for i in range(args.count):
                 sock.sendall(frame(4, 0, 0, struct.pack(">HI", 3, 100)))
                 sent += 1
+        elif args.mode == "big-headers":
+            # five literal fields "x: vvv…" of 16000 bytes each, without indexing
+            value = b"v" * 16000
+            one = b"\x00\x01x" + encode_length(len(value)) + value
+            payload = header_block(args.host) + one * 5
+            pieces = [payload[i:i + 16384] for i in range(0, len(payload), 16384)]
+            sock.sendall(frame(1, 0x1 | (0x4 if len(pieces) == 1 else 0), 1, pieces[0]))
+            for i, piece in enumerate(pieces[1:], 1):
+                sock.sendall(frame(9, 0x4 if i == len(pieces) - 1 else 0, 1, piece))
+            sent = len(pieces)
         elif args.mode == "push-promise":
             sock.sendall(frame(1, 0x4 | 0x1, 1, header_block(args.host)))
             sock.sendall(frame(5, 0x4, 1, struct.pack(">I", 2) + header_block(args.host, "/pushed")))

@@ -14,6 +14,7 @@ import NIOCore
 //   - no crash, no hang; output and events do not depend on the split;
 //   - with masking on, no real value reaches the guest raw;
 //   - with masking off, the guest gets the input unchanged (or a prefix, if it breaks).
+// When it starts with `H2`, the ops of one HTTP/2 stream through HTTP2Exchange (fuzzHTTP2).
 
 let allowed = Secret(
     env: "TOKEN", value: SecretValue("FUZZ-REAL-VALUE"), allowedHosts: HostAllowList(exact: ["api.example.com"]),
@@ -100,6 +101,81 @@ func fuzzResponse(_ bytes: UnsafeRawBufferPointer, selector: UInt8) {
     }
 }
 
+/// An HTTP/2 stream through `HTTP2Exchange` (inputs that start with `H2`). The bytes are
+/// ops: a request header block, DATA, trailers, a response header block, DATA, trailers,
+/// each a tag byte, a length byte and that many bytes (fields split at NUL and `=`, which
+/// gives names and values with any other byte in them, CR and LF included).
+///   - no crash, no hang;
+///   - a real value goes upstream only for the verified context, with a `substituted` event,
+///     and never in a field name;
+///   - with masking on, no real value reaches the guest raw, in any field or DATA.
+func fuzzHTTP2(_ bytes: UnsafeRawBufferPointer, selector: UInt8) {
+    let identity = contexts[Int(selector & 3)]
+    var configuration = RewriterConfiguration()
+    configuration.maxHeldBody = 4096
+    configuration.identityResponses = selector & 0x04 != 0
+    let stream = HTTP2Exchange(identity: identity, secrets: secrets, configuration: configuration, masking: true)
+    var output = H2Output()
+    var offset = 0
+    var requestHeaders = false
+    var responseHeaders = false
+    func fields(_ raw: UnsafeRawBufferPointer.SubSequence) -> [H2Field] {
+        raw.split(separator: 0, omittingEmptySubsequences: false).map { pair in
+            let parts = pair.split(separator: UInt8(ascii: "="), maxSplits: 1, omittingEmptySubsequences: false)
+            return H2Field(String(decoding: parts[0], as: UTF8.self), parts.count > 1 ? String(decoding: parts[1], as: UTF8.self) : "")
+        }
+    }
+    while offset + 2 <= bytes.count {
+        let tag = bytes[offset] % 6, end = bytes[offset] & 0x80 != 0
+        let length = min(Int(bytes[offset + 1]), bytes.count - offset - 2)
+        let body = bytes[(offset + 2)..<(offset + 2 + length)]
+        offset += 2 + length
+        switch tag {
+        case 0:
+            // Every request starts with the pseudo-headers (the fuzzer's fields follow).
+            let base = [H2Field(":method", "POST"), H2Field(":scheme", "https"), H2Field(":path", "/p"), H2Field(":authority", identity.sni ?? "api.example.com")]
+            stream.requestHeaders((requestHeaders ? [] : base) + fields(body), endStream: end, into: &output)
+            requestHeaders = true
+        case 1: stream.requestData(ByteBuffer(bytes: body), endStream: end, into: &output)
+        case 2: stream.requestTrailers(fields(body), into: &output)
+        case 3:
+            stream.responseHeaders((responseHeaders ? [] : [H2Field(":status", "200")]) + fields(body), endStream: end, into: &output)
+            responseHeaders = true
+        case 4: stream.responseData(ByteBuffer(bytes: body), endStream: end, into: &output)
+        default: stream.responseTrailers(fields(body), into: &output)
+        }
+    }
+    func text(_ parts: [H2Part]) -> (fields: String, names: String, data: String) {
+        var all = "", names = "", data = ""
+        for part in parts {
+            switch part {
+            case .headers(let fields, _):
+                for field in fields {
+                    all += field.name + ":" + field.value + "\n"
+                    names += field.name + "\n"
+                }
+            case .data(let buffer): data += String(buffer: buffer)
+            case .end: break
+            }
+        }
+        return (all, names, data)
+    }
+    // Masking is on: whatever the upstream sends (values spelled out included), the guest
+    // never gets one raw.
+    let guest = text(output.guest)
+    precondition(!(guest.fields + guest.data).contains("FUZZ-REAL-VALUE") && !(guest.fields + guest.data).contains("FUZZ-OTHER-VALUE"), "a real value reached the guest")
+    // Values the request spells out itself prove nothing about substitution.
+    let input = String(decoding: bytes, as: UTF8.self)
+    guard !input.contains("FUZZ-") else { return }
+    let up = text(output.upstream)
+    precondition(!up.names.contains("FUZZ-"), "a real value in a field name")
+    precondition(!(up.fields + up.data).contains("FUZZ-OTHER-VALUE"), "a value was sent to a host that may not receive it")
+    if (up.fields + up.data).contains("FUZZ-REAL-VALUE") {
+        precondition(identity == contexts[0], "a value left without a verified identity")
+        precondition(output.rewriteEvents.contains { if case .substituted = $0 { return true } else { return false } }, "a value left without an event")
+    }
+}
+
 /// SwiftPM links `main` to this symbol; hand control to libFuzzer's driver.
 @_cdecl("RewriterFuzzer_main")
 public func fuzzerMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
@@ -116,6 +192,10 @@ public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     let bytes = UnsafeRawBufferPointer(start: data + 1, count: size - 1)
     if bytes.starts(with: "HTTP/1.".utf8) {
         fuzzResponse(bytes, selector: selector)
+        return 0
+    }
+    if bytes.starts(with: "H2".utf8) {
+        fuzzHTTP2(UnsafeRawBufferPointer(rebasing: bytes.dropFirst(2)), selector: selector)
         return 0
     }
     let identity = contexts[Int(selector & 3)]
