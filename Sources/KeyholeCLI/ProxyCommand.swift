@@ -73,6 +73,18 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds a started request head may take to complete (slowloris defence).", valueName: "s"))
     var headTimeout: Double = 30
 
+    @Option(
+        help: ArgumentHelp(
+            "Seconds a verified upstream TLS connection is kept idle for the guest's next connection to the same name and address (0: no pooling).",
+            valueName: "s"))
+    var upstreamIdleTimeout: Double = 4
+
+    @Option(
+        help: ArgumentHelp(
+            "Event loops (threads) per guarded interface or listener; default: one per CPU this process may run on. Idle upstream connections are pooled per event loop.",
+            valueName: "n"))
+    var threads: Int?
+
     func validate() throws {
         for interface in interfaces {
             if let problem = ApplianceRules.interfaceProblem(interface) { throw ValidationError("--interface '\(interface)' \(problem)") }
@@ -96,6 +108,8 @@ struct ProxyCommand: AsyncParsableCommand {
         }
         if firstFlightTimeout <= 0 { throw ValidationError("--first-flight-timeout must be positive") }
         if headTimeout <= 0 { throw ValidationError("--head-timeout must be positive") }
+        if let threads, !(1...256).contains(threads) { throw ValidationError("--threads must be 1 to 256") }
+        if upstreamIdleTimeout < 0 || upstreamIdleTimeout > 3600 { throw ValidationError("--upstream-idle-timeout must be 0 to 3600 seconds") }
     }
 
     static func parsePin(_ text: String) -> (String, IPAddress)? {
@@ -228,6 +242,8 @@ struct ProxyCommand: AsyncParsableCommand {
             listen: try Self.parseAddress(listen), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
             firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)),
             headTimeout: .milliseconds(Int64(headTimeout * 1000)))
+        configuration.upstreamIdleTimeout = .milliseconds(Int64(upstreamIdleTimeout * 1000))
+        if let threads { configuration.threads = threads }
         // A guest's CONNECT host is resolved through network.dns, else this host's resolvers.
         configuration.tunnelResolver = (try? GuestAddressing.trustedResolvers(for: policy)).map { TrustedResolver(servers: $0) }
         let server = ProxyServer(
@@ -250,7 +266,8 @@ struct ProxyCommand: AsyncParsableCommand {
             let settings = GuardSettings(
                 proxyPort: proxyPort + UInt16(index), queueNumber: queueNum + UInt16(index), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
                 firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)), headTimeout: .milliseconds(Int64(headTimeout * 1000)),
-                stateDirectory: state.resolved)
+                stateDirectory: state.resolved, upstreamIdleTimeout: .milliseconds(Int64(upstreamIdleTimeout * 1000)),
+                threads: threads ?? ProxyConfiguration.usableCores)
             do {
                 // Each interface's counters carry its sandbox and interface (one /metrics for all).
                 let labelled = registry.metrics(labels: [("sandbox", loaded[index].name), ("interface", interface)])

@@ -14,6 +14,7 @@ struct RequestHead {
 
     enum FieldKind {
         case other, host, contentLength, transferEncoding, authorization, upgrade, expect, contentEncoding, contentType, acceptEncoding
+        case connection
     }
 
     static let maxLines = 1024
@@ -47,6 +48,8 @@ struct RequestHead {
     var expectContinueField: Int?
     var contentEncoded = false
     var formBody = false
+    /// A `Connection` field names the `close` option (RFC 9112 §9.6).
+    var closeRequested = false
 
     /// RFC 9110 tchar, as two 128-bit masks (no table lookups through a lazy global).
     @inline(__always)
@@ -104,6 +107,7 @@ struct RequestHead {
         expectContinueField = nil
         contentEncoded = false
         formBody = false
+        closeRequested = false
         query = nil
         authority = nil
         length = b.count
@@ -248,9 +252,28 @@ struct RequestHead {
             if value.count >= form.utf8CodeUnitCount, Self.equalsIgnoringCase(b, prefix, form) {
                 formBody = true
             }
+        case .connection:
+            if Self.hasToken(b, value, "close") { closeRequested = true }
         case .authorization, .other, .acceptEncoding:
             break
         }
+    }
+
+    /// A comma-separated list value (`Connection: keep-alive, Close`) holds `token`,
+    /// compared case-insensitively.
+    static func hasToken(_ b: UnsafeRawBufferPointer, _ value: Range<Int>, _ token: StaticString) -> Bool {
+        var start = value.lowerBound
+        while start < value.upperBound {
+            var end = start
+            while end < value.upperBound, b[end] != 0x2C { end += 1 }
+            var lower = start
+            var upper = end
+            while lower < upper, b[lower] == 0x20 || b[lower] == 0x09 { lower += 1 }
+            while upper > lower, b[upper - 1] == 0x20 || b[upper - 1] == 0x09 { upper -= 1 }
+            if equalsIgnoringCase(b, lower..<upper, token) { return true }
+            start = end + 1
+        }
+        return false
     }
 
     /// `Content-Length: 5` or the list form `5, 5` (all equal); decimal digits only.
@@ -287,6 +310,7 @@ struct RequestHead {
     static func kind(of b: UnsafeRawBufferPointer, _ name: Range<Int>) -> FieldKind {
         switch name.count {
         case 4: return equalsIgnoringCase(b, name, "host") ? .host : .other
+        case 10: return equalsIgnoringCase(b, name, "connection") ? .connection : .other
         case 6: return equalsIgnoringCase(b, name, "expect") ? .expect : .other
         case 7: return equalsIgnoringCase(b, name, "upgrade") ? .upgrade : .other
         case 12: return equalsIgnoringCase(b, name, "content-type") ? .contentType : .other

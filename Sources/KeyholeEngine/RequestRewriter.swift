@@ -47,6 +47,10 @@ public struct RewriterConfiguration: Sendable, Hashable {
     /// Ask for responses without a content coding (`Accept-Encoding: identity`): set where
     /// responses are masked, so they stay readable.
     public var identityResponses = false
+    /// The upstream connection may outlive the guest's (the proxy pools it): a guest's
+    /// `Connection: close` is taken off the request that goes upstream, and its response is
+    /// marked `closeAfter` (the proxy closes the guest after it, and tells the guest so).
+    public var keepUpstreamAlive = false
 
     public init(
         maxHeaderBlock: Int = 64 * 1024, maxHeldBody: Int = 64 * 1024 * 1024, maxTrailers: Int = 64 * 1024, chunkSegment: Int = 64 * 1024,
@@ -133,6 +137,13 @@ public final class RequestRewriter {
     /// True while part of a request head has arrived but not all of it (the proxy bounds
     /// how long that may last: slowloris).
     public var isReadingHead: Bool { core.isReadingHead }
+
+    /// Between requests: every request so far went upstream whole, and nothing of the next
+    /// one has arrived (no head, no body, no upgrade pending).
+    public var betweenRequests: Bool {
+        guard case .head = core.state else { return false }
+        return core.headAccumulator == nil
+    }
 
     /// Consumes the next bytes the guest sent.
     public func consume(_ buffer: ByteBuffer, into output: inout RewriteOutput) {
@@ -238,6 +249,12 @@ struct RewriterCore {
     var heldBodyReserved = 0
     /// Substitutions of the current request not yet reported (reported once its head is out).
     var pendingSubstitutionEvents: [(Int, Site, passedThrough: Bool)] = []
+    /// The current request asked to close, and its `Connection` lines were taken off
+    /// (`configuration.keepUpstreamAlive`).
+    var closeAfter = false
+    /// A request that asked to close went upstream whole: what the guest sends after it
+    /// is not a request anybody reads (RFC 9112 §9.6), so it goes nowhere.
+    var closed = false
     let allocator = ByteBufferAllocator()
 
     init(identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration, mode: Mode) {

@@ -10,12 +10,17 @@ public struct ExpectedResponse: Sendable, Equatable {
     public var upgrade: [String]
     /// An HTTP/1.0 request (its response cannot be re-framed as chunked).
     public var http10: Bool
+    /// The guest asked to close after this request, and Keyhole took that off the request
+    /// it sent upstream (`RewriterConfiguration.keepUpstreamAlive`): the response says
+    /// `Connection: close` to the guest, and the proxy closes the guest after it.
+    public var closeAfter: Bool
 
-    public init(isHead: Bool = false, isConnect: Bool = false, upgrade: [String] = [], http10: Bool = false) {
+    public init(isHead: Bool = false, isConnect: Bool = false, upgrade: [String] = [], http10: Bool = false, closeAfter: Bool = false) {
         self.isHead = isHead
         self.isConnect = isConnect
         self.upgrade = upgrade
         self.http10 = http10
+        self.closeAfter = closeAfter
     }
 
     var asksToSwitch: Bool { isConnect || !upgrade.isEmpty }
@@ -149,6 +154,15 @@ public final class ResponseMasker {
     /// Requests sent upstream whose responses have not (all) come back.
     public var outstandingResponses: Int { expected.count - expectedFront }
 
+    /// The upstream connection can carry another guest's requests once this one is done:
+    /// every response so far was framed by length or chunks, none said `Connection: close`
+    /// or came from HTTP/1.0, none switched protocols or came unasked, nothing broke.
+    public private(set) var upstreamReusable = true
+
+    /// The response to a request marked `closeAfter` is complete: the guest's connection
+    /// is to be closed now (what followed it is not for the guest).
+    public private(set) var guestCloseDue = false
+
     /// Between responses: nothing of one has arrived and nothing is held.
     public var betweenResponses: Bool {
         guard case .head = state else { return false }
@@ -160,7 +174,10 @@ public final class ResponseMasker {
     var front: ExpectedResponse { expectedFront < expected.count ? expected[expectedFront] : ExpectedResponse() }
 
     private func popFront() {
-        if expectedFront < expected.count { expectedFront += 1 }
+        if expectedFront < expected.count {
+            if expected[expectedFront].closeAfter { guestCloseDue = true }
+            expectedFront += 1
+        }
         if expectedFront > 64, expectedFront * 2 > expected.count {
             expected.removeFirst(expectedFront)
             expectedFront = 0
@@ -170,6 +187,11 @@ public final class ResponseMasker {
     public func consume(_ buffer: ByteBuffer, into output: inout MaskOutput) {
         var input = buffer
         while input.readableBytes > 0 {
+            if guestCloseDue {
+                // The guest's last response is out: what follows is for nobody.
+                upstreamReusable = false
+                break
+            }
             switch state {
             case .failed:
                 return
@@ -278,6 +300,7 @@ public final class ResponseMasker {
         if masking { stream.drain(final: false, site: site, secrets: secrets, into: &output) }
         output.events.append(.framingError(error, detail: detail))
         state = .failed
+        upstreamReusable = false
     }
 
     private func endBody(_ output: inout MaskOutput) {
@@ -342,10 +365,15 @@ public final class ResponseMasker {
         guard let parsed = ResponseHead(head) else {
             return fail(.malformedHead, String(decoding: head.prefix(40), as: UTF8.self).debugDescription, &output)
         }
+        // The final response to a request whose `Connection: close` Keyhole kept from the
+        // upstream tells the guest that the connection closes.
+        let final = parsed.status >= 200 || parsed.status == 101
+        let sayClose = final && front.closeAfter && !parsed.close
         decideFraming(parsed, &output)
         if case .failed = state { return }
-        if decoder != nil {
-            let rewritten = ResponseHead.identityChunked(head)
+        if decoder != nil || sayClose {
+            var rewritten = decoder != nil ? ResponseHead.identityChunked(head) : head
+            if sayClose { rewritten = ResponseHead.saying(close: rewritten) }
             emitHead(rewritten, ByteBuffer(bytes: rewritten), &output)
         } else {
             emitHead(head, original, &output)
@@ -394,12 +422,14 @@ public final class ResponseMasker {
         let request = front
         let status = head.status
         if status >= 100 && status < 200 && status != 101 { return }  // interim: the final response follows
+        if head.close || request.http10 || outstandingResponses == 0 { upstreamReusable = false }
         if request.asksToSwitch {
             if status == 101, !request.isConnect {
                 guard let chosen = head.upgrade.first(where: { request.upgrade.contains($0) }) else {
                     return fail(.unrequestedSwitch, "101 with Upgrade: \(head.upgrade.joined(separator: ","))", &output)
                 }
                 output.events.append(.upgrade(.accepted(protocol: chosen)))
+                upstreamReusable = false
                 popFront()
                 site = chosen == "websocket" ? .websocket : .upgraded
                 state = chosen == "websocket" ? .websocketHeader : .relay
@@ -407,6 +437,7 @@ public final class ResponseMasker {
             }
             if request.isConnect, (200..<300).contains(status) {
                 output.events.append(.upgrade(.accepted(protocol: nil)))
+                upstreamReusable = false
                 popFront()
                 site = .upgraded
                 state = .relay
@@ -434,6 +465,7 @@ public final class ResponseMasker {
         }
         if head.transferEncoding {
             state = head.chunked ? .chunkSize : .closeDelimited
+            if !head.chunked { upstreamReusable = false }
         } else if let length = head.contentLength {
             guard length >= 0 else { return fail(.conflictingLength, "Content-Length", &output) }
             if length == 0 {
@@ -444,6 +476,7 @@ public final class ResponseMasker {
             }
         } else {
             state = .closeDelimited
+            upstreamReusable = false
         }
     }
 
@@ -524,6 +557,8 @@ struct ResponseHead {
     var chunked = false
     var contentCoding: String?
     var upgrade: [String] = []
+    /// `Connection: close`, or an HTTP/1.0 status line: the upstream ends the connection.
+    var close = false
 
     init?(_ bytes: [UInt8]) {
         let parsed: Bool = bytes.withUnsafeBytes { b in parse(b) }
@@ -545,6 +580,7 @@ struct ResponseHead {
             code = code * 10 + Int(b[k] - 0x30)
         }
         status = code
+        if b[7] == 0x30 { close = true }  // HTTP/1.0: no keep-alive Keyhole relies on
         var length: Int?
         var conflicting = false
         var start = end + 1
@@ -590,6 +626,8 @@ struct ResponseHead {
                 if valueEnd - valueStart == 8, RequestHead.equalsIgnoringCase(b, valueStart..<valueEnd, "identity") { break }
                 let codings = value().lowercased().split(separator: ",").map { $0.trimmingSpaces() }.filter { $0 != "identity" && !$0.isEmpty }
                 if !codings.isEmpty { contentCoding = codings.joined(separator: ", ") }
+            case 10 where named("connection"):
+                if RequestHead.hasToken(b, valueStart..<valueEnd, "close") { close = true }
             case 7 where named("upgrade"):
                 upgrade += value().split(separator: ",").map { UpgradeDecision.token($0) }
             default:
@@ -615,6 +653,12 @@ extension ResponseHead {
             if !dropped.contains(name) { result += line }
         }
         return result + Array("Transfer-Encoding: chunked\r\n".utf8) + end
+    }
+
+    /// The head with `Connection: close` added before its empty line.
+    static func saying(close head: [UInt8]) -> [UInt8] {
+        let end = head.count >= 2 && head[head.count - 2] == 0x0D ? head.count - 2 : head.count - 1
+        return head[..<end] + Array("Connection: close\r\n".utf8) + head[end...]
     }
 }
 

@@ -7,6 +7,10 @@ extension RewriterCore {
     // MARK: - Head
 
     mutating func consumeHead(_ input: inout ByteBuffer, _ output: inout RewriteOutput) {
+        if closed {
+            input.moveReaderIndex(forwardBy: input.readableBytes)
+            return
+        }
         let limit = configuration.maxHeaderBlock
         if var accumulated = headAccumulator {
             headAccumulator = nil  // one owner, so appending does not copy the storage
@@ -95,6 +99,7 @@ extension RewriterCore {
             violation = rewriteHead(b)
             if head.upgrade { dropWebSocketExtensions(b) }
             if configuration.identityResponses { askForIdentity() }
+            closeAfter = configuration.keepUpstreamAlive && keepUpstreamAlive()
         }
         if let parseError {
             fail(parseError, &output)
@@ -162,6 +167,7 @@ extension RewriterCore {
     /// How the response to the request just parsed is framed.
     func expectedResponse() -> ExpectedResponse {
         var response = ExpectedResponse(isConnect: head.isConnect, http10: head.minorVersion == 0)
+        response.closeAfter = closeAfter
         headBuffer.withUnsafeReadableBytes { b in
             response.isHead = head.method.count == 4 && b[head.method].elementsEqual("HEAD".utf8)
             if head.upgrade, let field = head.fields.first(where: { $0.kind == .upgrade }) {
@@ -177,6 +183,7 @@ extension RewriterCore {
         // An upgrade request waits for its response (read by `ResponseMasker`, paired through
         // `expectedResponses`); what the guest sends meanwhile is held.
         state = (head.upgrade || head.isConnect) ? .awaitingUpgrade : .head
+        if closeAfter { closed = true }
         if case .head = state {
             // Nothing refers to this request any more: let go of its input, so the buffer the
             // next read lands in (NIOSSL reuses one) is not shared and need not be copied.
@@ -212,6 +219,19 @@ extension RewriterCore {
     }
 
     static let identityLine = ByteBuffer(string: "Accept-Encoding: identity\r\n")
+
+    /// An HTTP/1.1 request that asks to close (`Connection: close`) goes upstream without
+    /// its `Connection` lines, so the upstream connection stays open for the proxy's pool;
+    /// the guest's own connection is closed after the response. Not for upgrades and
+    /// CONNECT, whose `Connection` is part of the switch, nor where another edit touches a
+    /// `Connection` line (then the upstream closes, as asked). Returns whether it applied.
+    mutating func keepUpstreamAlive() -> Bool {
+        guard head.closeRequested, head.minorVersion == 1, !head.upgrade, !head.isConnect else { return false }
+        let lines = head.fields.filter { $0.kind == .connection }.map(\.line)
+        guard !lines.contains(where: { line in edits.contains { $0.range.overlaps(line) } }) else { return false }
+        for line in lines { edits.append((line, ByteBuffer())) }
+        return true
+    }
 
     /// Per secret, why it may not be substituted in this request (nil: it may). Returns
     /// whether the host rules hold (see `hostRulesHold`).

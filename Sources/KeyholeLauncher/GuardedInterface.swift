@@ -15,12 +15,19 @@ public struct GuardSettings: Sendable {
     public var headTimeout: TimeAmount
     /// Where the appliance records what it installed (so a run after a crash can undo it).
     public var stateDirectory: String?
+    /// How long a verified upstream connection waits in the pool (zero: no pooling).
+    public var upstreamIdleTimeout: TimeAmount
+    /// Event loops of the interface's proxy.
+    public var threads: Int
 
     public init(
         proxyPort: UInt16 = 15001, queueNumber: UInt16 = 4242, upstreamMark: UInt32? = 0x4B48,
-        firstFlightTimeout: TimeAmount = .seconds(5), headTimeout: TimeAmount = .seconds(30), stateDirectory: String? = nil
+        firstFlightTimeout: TimeAmount = .seconds(5), headTimeout: TimeAmount = .seconds(30), stateDirectory: String? = nil,
+        upstreamIdleTimeout: TimeAmount = .seconds(4), threads: Int = ProxyConfiguration.usableCores
     ) {
+        self.threads = threads
         self.stateDirectory = stateDirectory
+        self.upstreamIdleTimeout = upstreamIdleTimeout
         self.proxyPort = proxyPort
         self.queueNumber = queueNumber
         self.upstreamMark = upstreamMark
@@ -70,6 +77,8 @@ public final class GuardedInterface: Sendable {
             listen: try SocketAddress(ipAddress: "0.0.0.0", port: Int(settings.proxyPort)), upstreamMark: settings.upstreamMark,
             firstFlightTimeout: settings.firstFlightTimeout, headTimeout: settings.headTimeout)
         configuration.alsoIPv6 = true
+        configuration.upstreamIdleTimeout = settings.upstreamIdleTimeout
+        configuration.threads = settings.threads
         // A guest's CONNECT goes to what these resolvers say its host is.
         configuration.tunnelResolver = TrustedResolver(servers: resolvers)
         // Egress `public` keeps guests away from the appliance itself: every address this

@@ -76,9 +76,13 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
             channel.reset()
             return
         }
-        session = Session(id: shared.newConnectionID(), shared: shared, guest: channel, destination: address, policy: shared.policy)
-        session?.tunnelHost = tunnelHost
-        perform(machine.destinationKnown())
+        let session = Session(id: shared.newConnectionID(), shared: shared, guest: channel, destination: address, policy: shared.policy)
+        session.tunnelHost = tunnelHost
+        self.session = session
+        // With an idle verified connection to this address, connect only if the first
+        // flight cannot use it.
+        let deferConnect = shared.upstreamPool.isEnabled && shared.upstreamPool.hasIdle(to: address, on: channel.eventLoop)
+        perform(machine.destinationKnown(deferConnect: deferConnect))
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -122,7 +126,12 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
                     session.record(.warn, "upstream-setup-timeout", reason: "the upstream did not complete its handshake in time", action: "reset")
                     self.perform(self.machine.upstreamFailed())
                 }
-                session.setUp(kind: kind, context: context).assumeIsolated().whenComplete { result in
+                let upstreamReady =
+                    session.upstream != nil
+                    ? context.eventLoop.makeSucceededVoidFuture() : session.upstreamForDeferredFlow(kind: kind, firstFlight: self)
+                upstreamReady.assumeIsolated().flatMap {
+                    session.setUp(kind: kind, context: context)
+                }.whenComplete { result in
                     switch result {
                     case .success: self.handOver()
                     case .failure: self.perform(self.machine.upstreamFailed())

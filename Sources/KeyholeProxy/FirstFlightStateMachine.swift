@@ -83,9 +83,25 @@ struct FirstFlightStateMachine {
 
     var bufferedBytes: Int { buffered?.readableBytes ?? 0 }
 
-    /// The original destination is known and allowed.
-    mutating func destinationKnown() -> [Action] {
+    /// The original destination is known and allowed. `deferConnect`: an idle pooled
+    /// upstream connection may serve the flow, so nothing is connected yet: the machine
+    /// goes on as if connected, and `setUp` takes a pooled connection or connects then
+    /// (the upstream cannot speak first, so a silent guest is opaque at the timeout).
+    mutating func destinationKnown(deferConnect: Bool = false) -> [Action] {
         guard state == .idle else { return [] }
+        if deferConnect {
+            state = .connected
+            switch classify() {
+            case .flow(let kind)?:
+                state = .settingUp(kind)
+                return [.stopReading, .setUp(kind)]
+            case .connect?:
+                state = .tunneling
+                return [.stopReading, .tunnel]
+            case nil:
+                return []
+            }
+        }
         state = .connecting(kind: nil)
         // Bytes may have arrived before the destination was read.
         switch classify() {

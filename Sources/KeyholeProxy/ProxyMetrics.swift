@@ -54,6 +54,10 @@ public final class ProxyMetrics: Sendable {
     let passedThrough: Counter
     let responseBytesScanned: Counter
     let responseFramingErrors: Counter
+    /// Guest connections served by a pooled upstream connection (no upstream handshake).
+    let upstreamReused: Counter
+    /// Upstream connections put back in the pool when their guest connection ended.
+    let upstreamPooled: Counter
 
     /// Labels every counter of this instance carries (`sandbox`, `interface`), so one
     /// registry can serve several guarded interfaces side by side.
@@ -95,6 +99,8 @@ public final class ProxyMetrics: Sendable {
         passedThrough = counter("keyhole_passthroughs_total", [])
         responseBytesScanned = counter("keyhole_response_bytes_scanned_total", [])
         responseFramingErrors = counter("keyhole_response_framing_errors_total", [])
+        upstreamReused = counter("keyhole_upstream_reused_total", [])
+        upstreamPooled = counter("keyhole_upstream_pooled_total", [])
     }
 
     /// One counter per (secret, site), made on first use and kept, so a substitution costs

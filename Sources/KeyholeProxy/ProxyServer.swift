@@ -38,6 +38,11 @@ public struct ProxyConfiguration: Sendable {
     /// Resolves the host of a guest's `CONNECT` (Keyhole answers CONNECT itself); without
     /// one, a CONNECT to a name is refused.
     public var tunnelResolver: (any TunnelResolver)?
+    /// How long a verified upstream TLS connection is kept idle for the next guest
+    /// connection to the same name and address (`UpstreamPool`); zero turns pooling off.
+    /// Short by default: shorter than the keep-alive timeouts of common servers (Node's is
+    /// 5 s), so a pooled connection is not one the upstream is closing just then.
+    public var upstreamIdleTimeout: TimeAmount = .seconds(4)
 
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),
@@ -78,6 +83,7 @@ final class ProxyShared: Sendable {
     let threadPool: NIOThreadPool
     let onTerminate: @Sendable (String) -> Void
     let heldBodies: HeldBodyBudget
+    let upstreamPool: UpstreamPool
     private let policyBox: Mutex<Policy>
     private let nextConnection = Atomic<UInt64>(0)
 
@@ -93,6 +99,7 @@ final class ProxyShared: Sendable {
         self.threadPool = threadPool
         self.onTerminate = onTerminate
         self.heldBodies = HeldBodyBudget(limit: configuration.heldBodyBudget)
+        self.upstreamPool = UpstreamPool(idleTimeout: configuration.upstreamIdleTimeout)
         self.policyBox = Mutex(policy)
     }
 
@@ -100,7 +107,11 @@ final class ProxyShared: Sendable {
         get { policyBox.withLock { $0 } }
     }
 
-    func replacePolicy(_ policy: Policy) { policyBox.withLock { $0 = policy } }
+    /// A new policy: idle upstream connections (verified under the old one) are closed.
+    func replacePolicy(_ policy: Policy) {
+        policyBox.withLock { $0 = policy }
+        upstreamPool.drain()
+    }
 
     /// `network.egress` for a guest flow's original destination. Host-name rules use the
     /// names trusted DNS answers gave for the address.
@@ -183,6 +194,7 @@ public final class ProxyServer: Sendable {
             return c
         }
         for listener in bound { try? await listener.close() }
+        shared.upstreamPool.drain()
         try? await group.shutdownGracefully()
         try? await shared.threadPool.shutdownGracefully()
         shared.audit.flush()

@@ -47,7 +47,7 @@ final class GuestSideHandler: ChannelInboundHandler {
 extension GuestSideHandler: Sendable {}
 
 /// Upstream side: bytes back to the guest, unchanged.
-final class UpstreamSideHandler: ChannelInboundHandler {
+final class UpstreamSideHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     let session: Session
 

@@ -48,6 +48,8 @@ final class Session {
     var upstreamProtocol: String?
     /// Both legs speak HTTP/2.
     weak var http2: HTTP2Relay?
+    /// The upstream connection came verified from the pool (no handshake of its own).
+    var reusedUpstream = false
 
     init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy) {
         self.id = id
@@ -101,6 +103,37 @@ final class Session {
         }.nonisolated()
     }
 
+    /// The first flight was classified before any upstream connect (an idle pooled
+    /// connection to this address existed): a TLS flow takes a pooled connection verified
+    /// for its server name, if one is still idle; anything else connects now.
+    func upstreamForDeferredFlow(kind: FirstFlightStateMachine.Kind, firstFlight: FirstFlightHandler) -> EventLoopFuture<Void> {
+        let loop = guest.eventLoop
+        guard !finished else { return loop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+        if case .tls(let name?, let offersHTTP2) = kind, tunnelHost == nil {
+            let name = HostName.normalize(name)
+            if HostName.problem(with: name) == nil, !policy.network.tlsBypass.allows(name),
+                let entry = shared.upstreamPool.take(to: destination, serverName: name, offersHTTP2: offersHTTP2, on: loop)
+            {
+                do {
+                    let pipeline = entry.channel.pipeline.syncOperations
+                    // Held like a fresh connection's until the pipelines are built.
+                    try pipeline.addHandler(UpstreamHoldHandler(onFirstBytes: {}))
+                    pipeline.removeHandler(try pipeline.handler(type: PooledIdleHandler.self), promise: nil)
+                } catch {
+                    entry.channel.close(promise: nil)
+                    return connectUpstream(firstFlight: firstFlight)
+                }
+                upstream = entry.channel
+                verifiedName = entry.serverName
+                upstreamProtocol = entry.applicationProtocol
+                reusedUpstream = true
+                shared.metrics.upstreamReused.increment()
+                return loop.makeSucceededVoidFuture()
+            }
+        }
+        return connectUpstream(firstFlight: firstFlight)
+    }
+
     /// Builds the rest of both pipelines for `kind` (the upstream is connected).
     func setUp(kind: FirstFlightStateMachine.Kind, context: ChannelHandlerContext) -> EventLoopFuture<Void> {
         let loop = guest.eventLoop
@@ -122,7 +155,9 @@ final class Session {
             }
             shared.metrics.connectionsTLS.increment()
             let name = serverName ?? destinationIP?.description ?? "unknown"
-            return startUpstreamTLS(on: upstream).assumeIsolated()
+            // A pooled connection was verified for this very name when it was made.
+            let verified = reusedUpstream ? loop.makeSucceededVoidFuture() : startUpstreamTLS(on: upstream)
+            return verified.assumeIsolated()
                 .flatMap { () -> EventLoopFuture<NIOSSLContext> in
                     let cached = self.shared.tls.hasCachedContext(for: name)
                     if cached { self.shared.metrics.leafCacheHits.increment() } else { self.shared.metrics.leafCacheMisses.increment() }
@@ -224,6 +259,8 @@ final class Session {
                 }
                 var configuration = RewriterConfiguration()
                 configuration.identityResponses = masking
+                // A verified HTTP/1.1 upstream may go back to the pool when the guest is done.
+                configuration.keepUpstreamAlive = mayPoolUpstream
                 rewriter = RequestRewriter(
                     identity: identity, secrets: policy.secrets, configuration: configuration, mode: opaque ? .opaque : .http,
                     heldBodyBudget: shared.heldBodies)
@@ -242,6 +279,44 @@ final class Session {
             return guest.eventLoop.makeFailedFuture(error)
         }
         return guest.eventLoop.makeSucceededVoidFuture()
+    }
+
+    /// Whether this session's upstream may be pooled when the guest is done with it: a
+    /// TLS connection whose certificate was verified for the guest's server name, speaking
+    /// HTTP/1.1, not inside a CONNECT tunnel.
+    var mayPoolUpstream: Bool {
+        guard shared.upstreamPool.isEnabled, tunnelHost == nil, http2 == nil, upstreamProtocol != "h2" else { return false }
+        guard let serverName, verifiedName == serverName else { return false }
+        return true
+    }
+
+    /// The guest is done at a clean boundary (every request went upstream whole, every
+    /// response came back whole, the upstream keeps the connection open, nothing was
+    /// blocked): the upstream connection goes to the pool instead of closing. Returns
+    /// whether it did; the session no longer owns the connection then.
+    private func poolUpstream() -> Bool {
+        guard mayPoolUpstream, let upstream, upstream.isActive, blockAnswer == nil,
+            let rewriter, rewriter.status == .open, rewriter.betweenRequests, rewriter.identity.isTLS,
+            let masker, masker.upstreamReusable, masker.betweenResponses, masker.outstandingResponses == 0,
+            let serverName
+        else { return false }
+        let pipeline = upstream.pipeline.syncOperations
+        do {
+            let side = try pipeline.handler(type: UpstreamSideHandler.self)
+            try pipeline.addHandler(PooledIdleHandler(pool: shared.upstreamPool))
+            pipeline.removeHandler(side, promise: nil)
+        } catch {
+            return false
+        }
+        self.upstream = nil
+        let evicted = shared.upstreamPool.put(
+            UpstreamPool.Entry(
+                channel: upstream, serverName: serverName, offeredHTTP2: guestOffersHTTP2, applicationProtocol: upstreamProtocol,
+                since: .now()),
+            to: destination)
+        for channel in evicted { channel.close(promise: nil) }
+        shared.metrics.upstreamPooled.increment()
+        return true
     }
 
     private func makeIdentity(tls: Bool) -> ConnectionIdentity {
@@ -311,10 +386,18 @@ final class Session {
             shared.metrics.responseBytesScanned.increment(by: Int64(maskOutput.scannedBytes))
             maskOutput.scannedBytes = 0
         }
+        // The guest asked to close after this response (the masker reads nothing after it).
+        let closeDue = masker?.guestCloseDue == true
+        var written: EventLoopFuture<Void>?
         if !maskOutput.guest.isEmpty {
-            let total = Self.writeCoalesced(maskOutput.guest, to: guest)
+            let promise = closeDue ? guest.eventLoop.makePromise(of: Void.self) : nil
+            let total = Self.writeCoalesced(maskOutput.guest, to: guest, promise: promise)
             shared.metrics.bytesDownstream.increment(by: Int64(total))
             maskOutput.guest.removeAll(keepingCapacity: true)
+            written = promise?.futureResult
+        }
+        defer {
+            if closeDue { closeAfterResponse(written ?? guest.eventLoop.makeSucceededVoidFuture()) }
         }
         guard !maskOutput.events.isEmpty else { return }
         let events = maskOutput.events
@@ -349,21 +432,38 @@ final class Session {
         }
     }
 
+    /// The guest asked to close after the response it just got (its `Connection: close`
+    /// was kept from the upstream): once the response is written, the guest's connection
+    /// closes and the upstream's goes to the pool (or closes).
+    private func closeAfterResponse(_ written: EventLoopFuture<Void>) {
+        guard !finished else { return }
+        finished = true
+        headDeadline?.cancel()
+        if !poolUpstream() { upstream?.close(promise: nil) }
+        written.assumeIsolated().whenComplete { [guest] _ in guest.close(promise: nil) }
+    }
+
     /// Pieces smaller than a TLS record are joined before they are written: NIOSSL makes a
     /// record of every write, and an edited head (slices around a replacement value) would
     /// otherwise cost a record per slice on both ends. Large pieces (streamed bodies) go on
     /// as they are. Returns the bytes written; flushes.
     static let coalesceLimit = 16 * 1024
 
-    static func writeCoalesced(_ pieces: [ByteBuffer], to channel: any Channel) -> Int {
+    static func writeCoalesced(_ pieces: [ByteBuffer], to channel: any Channel, promise: EventLoopPromise<Void>? = nil) -> Int {
         var total = 0
         guard pieces.count > 1 else {
             for piece in pieces {
                 total += piece.readableBytes
-                channel.write(piece, promise: nil)
+                channel.write(piece, promise: promise)
             }
             channel.flush()
             return total
+        }
+        // `promise` completes with the last write.
+        var last: ByteBuffer?
+        func write(_ buffer: ByteBuffer) {
+            if let previous = last { channel.write(previous, promise: nil) }
+            last = buffer
         }
         let capacity = min(coalesceLimit, pieces.reduce(0) { $0 + $1.readableBytes })
         var pending: ByteBuffer?
@@ -371,20 +471,21 @@ final class Session {
             total += piece.readableBytes
             if piece.readableBytes >= coalesceLimit {
                 if let joined = pending {
-                    channel.write(joined, promise: nil)
+                    write(joined)
                     pending = nil
                 }
-                channel.write(piece, promise: nil)
+                write(piece)
                 continue
             }
             if let joined = pending, joined.readableBytes + piece.readableBytes > coalesceLimit {
-                channel.write(joined, promise: nil)
+                write(joined)
                 pending = nil
             }
             if pending == nil { pending = channel.allocator.buffer(capacity: capacity) }
             pending!.writeImmutableBuffer(piece)
         }
-        if let joined = pending { channel.write(joined, promise: nil) }
+        if let joined = pending { write(joined) }
+        if let last { channel.write(last, promise: promise) }
         channel.flush()
         return total
     }
@@ -673,9 +774,11 @@ final class Session {
         if let rewriter {
             rewriter.finish(into: &output)
             deliver(rewriter)
+            if finished { return }
         }
         finished = true
-        upstream?.close(promise: nil)
+        headDeadline?.cancel()
+        if !poolUpstream() { upstream?.close(promise: nil) }
     }
 
     func upstreamClosed() {

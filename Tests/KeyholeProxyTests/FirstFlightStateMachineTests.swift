@@ -31,6 +31,27 @@ struct FirstFlightStateMachineTests {
         #expect(machine.state == .connecting(kind: nil))
     }
 
+    @Test func withAPooledConnectionIdleNothingConnectsUntilTheFirstFlightIsClassified() {
+        // TLS: set up at once (the session takes the pooled connection, or connects then).
+        var machine = Machine()
+        #expect(machine.destinationKnown(deferConnect: true) == [])
+        #expect(machine.guestRead(ByteBuffer(bytes: clientHello.prefix(20))) == [])
+        #expect(machine.guestRead(ByteBuffer(bytes: clientHello.dropFirst(20))) == [.stopReading, .setUp(.tls(serverName: "api.example.test"))])
+        #expect(machine.setUpDone().map { Array($0.readableBytesView) } == clientHello)
+        // Bytes that came before the destination was read are classified on the spot.
+        var early = Machine()
+        _ = early.guestRead(buffer("GET / HTTP/1.1\r\n"))
+        #expect(early.destinationKnown(deferConnect: true) == [.stopReading, .setUp(.http)])
+        // A silent guest is opaque at the timeout, as with a connected upstream.
+        var silent = Machine()
+        _ = silent.destinationKnown(deferConnect: true)
+        #expect(silent.timeout() == [.stopReading, .setUp(.opaque)])
+        // A CONNECT still needs no upstream.
+        var proxy = Machine()
+        _ = proxy.destinationKnown(deferConnect: true)
+        #expect(proxy.guestRead(buffer("CONNECT api.example.test:443 HTTP/1.1\r\n\r\n")) == [.stopReading, .tunnel])
+    }
+
     @Test func everyByteReadBeforeTheHandOverIsReplayedInOrder() {
         // A plain-HTTP first flight over 2 KiB: its head in one read, the body in the next
         // ones, some while the upstream is still connecting (the lab lost all of those).

@@ -68,7 +68,7 @@ def parse_frame_header(buf):
     return opcode, n, key, offset
 
 def handle(conn, args, lock):
-    conn.settimeout(60)
+    conn.settimeout(args.keepalive)
     buf = b""
     try:
         while True:
@@ -124,7 +124,8 @@ def handle(conn, args, lock):
                     buf = buf[size + 2:]
                 total = len(body)
             record = {"method": method, "target": target, "headers": headers,
-                      "body": body.decode("latin-1"), "body_length": total}
+                      "body": body.decode("latin-1"), "body_length": total,
+                      "peer": "%s:%d" % conn.getpeername()[:2]}
             with lock:
                 with open(args.log, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -167,6 +168,7 @@ def main():
     p.add_argument("--slow", type=int, default=0)
     p.add_argument("--discard", action="store_true", help="count body bytes instead of keeping them")
     p.add_argument("--reflect", action="store_true", help="echo the Authorization value back under /reflect/")
+    p.add_argument("--keepalive", type=float, default=60, help="seconds an idle connection is kept open")
     args = p.parse_args()
     family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
     srv = socket.socket(family, socket.SOCK_STREAM)

@@ -33,6 +33,9 @@ func run(_ bytes: UnsafeRawBufferPointer, identity: ConnectionIdentity, split: I
     var configuration = RewriterConfiguration()
     configuration.maxHeldBody = 4096
     configuration.chunkSegment = 64
+    // Half the inputs (odd lengths) as on a poolable connection: a guest's
+    // `Connection: close` is kept from the upstream.
+    configuration.keepUpstreamAlive = bytes.count % 2 == 1
     let rewriter = RequestRewriter(identity: identity, secrets: secrets, configuration: configuration, mode: mode)
     var output = RewriteOutput()
     var upstream: [UInt8] = []
