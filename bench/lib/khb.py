@@ -245,6 +245,27 @@ def add_download(raw, contender, workload, rnd, path, curl_out, rss_kib, size, r
     record_transfer(raw, rec, parts, curl_out, mib, rss_kib, why, extra=f"  real values at the guest {real_n}, masked {masked_n}")
 
 
+def add_idle(raw, contender, workload, rnd, out):
+    """(h): the JSON line idle_conns.py printed."""
+    rec = {"contender": contender, "workload": workload, "round": int(rnd)}
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+        rec.update(result)
+        rec["check"] = {"ok": result.get("failed", 1) == 0 and result.get("probe_errors", 1) == 0,
+                        "why": f"{result.get('failed')} connections failed, {result.get('probe_errors')} probe errors"}
+        if result.get("kib_per_connection") is not None:
+            rec["kib_per_connection"] = result["kib_per_connection"]
+    except (ValueError, IndexError):
+        rec["error"] = "idle_conns.py produced no result: " + out[-400:]
+        rec["check"] = {"ok": False, "why": "no result"}
+    append(raw, rec)
+    if "error" in rec:
+        print(f"  {workload:6} {contender:10} round {rnd}: FAILED: {rec['error'][:200]}")
+    else:
+        print(f"  {workload:6} {contender:10} round {rnd}: {rec['open']} open, {rec.get('kib_per_connection')} KiB each, "
+              f"p99 {rec.get('p99_ms')} ms, {rec['failed']} failed")
+
+
 def add_na(raw, contender, workload, reason):
     append(raw, {"contender": contender, "workload": workload, "na": reason})
 
@@ -422,9 +443,11 @@ def report(raw, meta_path, out_md, out_png):
     L.append("Same request with `Connection: close`: wrk reconnects after every response. wrk keeps the TLS "
              "session of the previous connection and offers it again (TLS 1.3 ticket), so where the contender "
              "accepts resumption this measures mostly **resumed** handshakes (the \"client-leg resumption\" column, "
-             "probed with `openssl s_client -sess_out`/`-sess_in` through each contender). Transparent proxies also open a new "
-             "upstream connection per client connection; nginx keeps a pool of upstream connections "
-             "(`keepalive 64`), so its upstream leg is not re-handshaked.")
+             "probed with `openssl s_client -sess_out`/`-sess_in` through each contender). nginx keeps a pool of upstream "
+             "connections (`keepalive 64`), and so does Keyhole (verified upstream TLS connections, lent to the next client "
+             "connection with the same SNI to the same address; a client's `Connection: close` is kept from the upstream): "
+             "neither re-handshakes the upstream leg. mitmproxy and Squid open a new upstream connection per client "
+             "connection. (f) shows Keyhole with its pool off.")
     L.append("")
     L.append("| contender | connections/s | ± | p99 ms | × nginx | × direct | proxy CPU | CPU µs / connection | client-leg resumption | wrk errors | upstream check |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
@@ -444,6 +467,29 @@ def report(raw, meta_path, out_md, out_png):
                  f"{fmt_ratio(valid(s), nc_d) if c != 'direct' else '1.00×' if nc_d else '—'} | "
                  f"{pct(s)} | {med(s, 'proxy_cpu_us_per_req')} | {res} | {errs} | {check_text(s)} |")
     L.append("")
+
+    # (f) new connections, step by step
+    nc0 = summarize(records, "nc0", "keyhole", "rate")
+    if "records" in nc0:
+        L.append("## (f) New connections, step by step")
+        L.append("")
+        L.append("The (b) workload through Keyhole with its upstream pool off (`--upstream-idle-timeout 0`: a full "
+                 "upstream TCP + TLS handshake, certificate chain and name verification for every client connection) "
+                 "and on (the default, as in (b)), beside nginx, from the same run.")
+        L.append("")
+        L.append("| contender | connections/s | ± | × nginx | proxy CPU | CPU µs / connection | upstream check |")
+        L.append("|---|---:|---:|---:|---:|---:|---|")
+        nc_n = valid(nc.get("nginx", {}))
+        rows = [("Keyhole, upstream pool off", nc0), ("Keyhole, upstream pool on (default)", nc.get("keyhole", {}))]
+        if "nginx" in nc:
+            rows.append((LABELS["nginx"], nc["nginx"]))
+        for label, s in rows:
+            if "records" not in s:
+                continue
+            L.append(f"| {label} | {cell(s)} | {spread(s)} | "
+                     f"{fmt_ratio(valid(s), nc_n) if label != LABELS['nginx'] else '1.00×' if nc_n else '—'} | "
+                     f"{pct(s)} | {med(s, 'proxy_cpu_us_per_req')} | {check_text(s)} |")
+        L.append("")
 
     # (c), (d) uploads
     for wl, title, text in (
@@ -534,6 +580,33 @@ def report(raw, meta_path, out_md, out_png):
                      f"{pct(s_)} | {med(s_, 'proxy_cpu_us_per_req', 1, 1)} | {errs} | {check_text(s_)} |")
         L.append("")
 
+    # (h) many idle connections
+    idle = [r for r in records if r["workload"] == "idle" and "error" not in r]
+    if idle:
+        n = p.get("idle_connections", 10000)
+        L.append(f"## (h) {n:,} idle keep-alive TLS connections")
+        L.append("")
+        L.append(f"{n:,} TLS connections opened through the contender (64 handshakes at a time, Python asyncio), one request "
+                 "each, then left open and idle. RSS is the proxy's (VmRSS over its process tree) before the first and after "
+                 "the last was open; per connection = the difference / the connections open. While all are open, one more "
+                 "connection makes 500 keep-alive requests one after another: their latency. Keyhole holds an upstream "
+                 "connection for every guest connection (its identity was verified for it); nginx holds only the client's.")
+        L.append("")
+        L.append("| contender | open | RSS before MiB | RSS after MiB | KiB / connection | × nginx | p50 ms | p99 ms | seconds to open | check |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        by = {r["contender"]: r for r in idle}
+        base = by.get("nginx", {}).get("kib_per_connection")
+        for c in contenders:
+            r = by.get(c)
+            if not r:
+                continue
+            kib = r.get("kib_per_connection")
+            ratio = f"{kib / base:.2f}×" if kib and base else "—"
+            L.append(f"| {LABELS[c]} | {r['open']:,} | {r['rss_before_kib'] / 1024:.0f} | {r['rss_after_kib'] / 1024:.0f} | "
+                     f"{kib if kib is not None else '—'} | {ratio} | {r.get('p50_ms')} | {r.get('p99_ms')} | "
+                     f"{r.get('seconds_to_open')} | {'✅' if r['check']['ok'] else '❌ ' + r['check']['why']} |")
+        L.append("")
+
     notes = meta.get("notes", [])
     if notes:
         L.append("## Notes")
@@ -606,6 +679,8 @@ def main():
         add_upload(*args)
     elif cmd == "add-download":
         add_download(*args)
+    elif cmd == "add-idle":
+        add_idle(*args)
     elif cmd == "add-na":
         add_na(*args)
     elif cmd == "report":
