@@ -77,7 +77,7 @@ struct ProxyCommand: AsyncParsableCommand {
         help: ArgumentHelp(
             "Seconds a verified upstream TLS connection is kept idle for the guest's next connection to the same name and address (0: no pooling).",
             valueName: "s"))
-    var upstreamIdleTimeout: Double = 4
+    var upstreamIdleTimeout: Double = 1
 
     @Option(
         help: ArgumentHelp(

@@ -14,13 +14,19 @@ public struct ExpectedResponse: Sendable, Equatable {
     /// it sent upstream (`RewriterConfiguration.keepUpstreamAlive`): the response says
     /// `Connection: close` to the guest, and the proxy closes the guest after it.
     public var closeAfter: Bool
+    /// The request went upstream asking it to close (`Connection: close` left in place).
+    public var upstreamCloses: Bool
 
-    public init(isHead: Bool = false, isConnect: Bool = false, upgrade: [String] = [], http10: Bool = false, closeAfter: Bool = false) {
+    public init(
+        isHead: Bool = false, isConnect: Bool = false, upgrade: [String] = [], http10: Bool = false, closeAfter: Bool = false,
+        upstreamCloses: Bool = false
+    ) {
         self.isHead = isHead
         self.isConnect = isConnect
         self.upgrade = upgrade
         self.http10 = http10
         self.closeAfter = closeAfter
+        self.upstreamCloses = upstreamCloses
     }
 
     var asksToSwitch: Bool { isConnect || !upgrade.isEmpty }
@@ -149,6 +155,8 @@ public final class ResponseMasker {
     /// A request went upstream; its response comes after those of earlier requests.
     public func expect(_ request: ExpectedResponse) {
         expected.append(request)
+        // The upstream was told to close after it (or is HTTP/1.0): not a connection to reuse.
+        if request.upstreamCloses || request.http10 { upstreamReusable = false }
     }
 
     /// Requests sent upstream whose responses have not (all) come back.

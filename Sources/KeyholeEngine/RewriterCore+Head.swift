@@ -168,6 +168,7 @@ extension RewriterCore {
     func expectedResponse() -> ExpectedResponse {
         var response = ExpectedResponse(isConnect: head.isConnect, http10: head.minorVersion == 0)
         response.closeAfter = closeAfter
+        response.upstreamCloses = head.closeRequested && !closeAfter
         headBuffer.withUnsafeReadableBytes { b in
             response.isHead = head.method.count == 4 && b[head.method].elementsEqual("HEAD".utf8)
             if head.upgrade, let field = head.fields.first(where: { $0.kind == .upgrade }) {

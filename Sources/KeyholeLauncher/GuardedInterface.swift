@@ -23,7 +23,7 @@ public struct GuardSettings: Sendable {
     public init(
         proxyPort: UInt16 = 15001, queueNumber: UInt16 = 4242, upstreamMark: UInt32? = 0x4B48,
         firstFlightTimeout: TimeAmount = .seconds(5), headTimeout: TimeAmount = .seconds(30), stateDirectory: String? = nil,
-        upstreamIdleTimeout: TimeAmount = .seconds(4), threads: Int = ProxyConfiguration.usableCores
+        upstreamIdleTimeout: TimeAmount = .seconds(1), threads: Int = ProxyConfiguration.usableCores
     ) {
         self.threads = threads
         self.stateDirectory = stateDirectory

@@ -76,7 +76,10 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
             channel.reset()
             return
         }
-        let session = Session(id: shared.newConnectionID(), shared: shared, guest: channel, destination: address, policy: shared.policy)
+        let current = shared.currentPolicy
+        let session = Session(
+            id: shared.newConnectionID(), shared: shared, guest: channel, destination: address, policy: current.policy,
+            policyGeneration: current.generation)
         session.tunnelHost = tunnelHost
         self.session = session
         // With an idle verified connection to this address, connect only if the first

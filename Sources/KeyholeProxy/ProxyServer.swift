@@ -40,9 +40,10 @@ public struct ProxyConfiguration: Sendable {
     public var tunnelResolver: (any TunnelResolver)?
     /// How long a verified upstream TLS connection is kept idle for the next guest
     /// connection to the same name and address (`UpstreamPool`); zero turns pooling off.
-    /// Short by default: shorter than the keep-alive timeouts of common servers (Node's is
-    /// 5 s), so a pooled connection is not one the upstream is closing just then.
-    public var upstreamIdleTimeout: TimeAmount = .seconds(4)
+    /// Short by default: well below the keep-alive timeouts of common servers (gunicorn's is
+    /// 2 s, Node's 5 s), so a pooled connection is not one the upstream is closing just then
+    /// (a request written into a closing connection would be lost: the guest sees a reset).
+    public var upstreamIdleTimeout: TimeAmount = .seconds(1)
 
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),
@@ -84,7 +85,7 @@ final class ProxyShared: Sendable {
     let onTerminate: @Sendable (String) -> Void
     let heldBodies: HeldBodyBudget
     let upstreamPool: UpstreamPool
-    private let policyBox: Mutex<Policy>
+    private let policyBox: Mutex<(policy: Policy, generation: UInt64)>
     private let nextConnection = Atomic<UInt64>(0)
 
     init(
@@ -100,16 +101,20 @@ final class ProxyShared: Sendable {
         self.onTerminate = onTerminate
         self.heldBodies = HeldBodyBudget(limit: configuration.heldBodyBudget)
         self.upstreamPool = UpstreamPool(idleTimeout: configuration.upstreamIdleTimeout)
-        self.policyBox = Mutex(policy)
+        self.policyBox = Mutex((policy, 0))
     }
 
     var policy: Policy {
-        get { policyBox.withLock { $0 } }
+        get { policyBox.withLock { $0.policy } }
     }
+
+    /// The policy and its generation (one more at every reload), read together: a pooled
+    /// upstream connection is only lent within the generation it was used under.
+    var currentPolicy: (policy: Policy, generation: UInt64) { policyBox.withLock { $0 } }
 
     /// A new policy: idle upstream connections (verified under the old one) are closed.
     func replacePolicy(_ policy: Policy) {
-        policyBox.withLock { $0 = policy }
+        policyBox.withLock { $0 = (policy, $0.generation + 1) }
         upstreamPool.drain()
     }
 

@@ -20,6 +20,8 @@ final class Session {
     let destination: SocketAddress
     let destinationIP: IPAddress?
     let policy: Policy
+    /// Which reload of the policy this session runs under (pooled connections stay within one).
+    let policyGeneration: UInt64
     var upstream: (any Channel)?
     var rewriter: RequestRewriter?
     var serverName: String?
@@ -50,8 +52,11 @@ final class Session {
     weak var http2: HTTP2Relay?
     /// The upstream connection came verified from the pool (no handshake of its own).
     var reusedUpstream = false
+    /// A pooled upstream sent something before this session asked it anything.
+    var reusedUpstreamSpoke = false
 
-    init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy) {
+    init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy, policyGeneration: UInt64) {
+        self.policyGeneration = policyGeneration
         self.id = id
         self.shared = shared
         self.guest = guest
@@ -112,12 +117,15 @@ final class Session {
         if case .tls(let name?, let offersHTTP2) = kind, tunnelHost == nil {
             let name = HostName.normalize(name)
             if HostName.problem(with: name) == nil, !policy.network.tlsBypass.allows(name),
-                let entry = shared.upstreamPool.take(to: destination, serverName: name, offersHTTP2: offersHTTP2, on: loop)
+                let entry = shared.upstreamPool.take(
+                    to: destination, serverName: name, offersHTTP2: offersHTTP2, generation: policyGeneration, on: loop)
             {
                 do {
                     let pipeline = entry.channel.pipeline.syncOperations
-                    // Held like a fresh connection's until the pipelines are built.
-                    try pipeline.addHandler(UpstreamHoldHandler(onFirstBytes: {}))
+                    // Held like a fresh connection's until the pipelines are built; nothing
+                    // was asked yet, so anything it says makes the set-up fail.
+                    let loopSelf = NIOLoopBound(self, eventLoop: loop)
+                    try pipeline.addHandler(UpstreamHoldHandler(onFirstBytes: { loopSelf.value.reusedUpstreamSpoke = true }))
                     pipeline.removeHandler(try pipeline.handler(type: PooledIdleHandler.self), promise: nil)
                 } catch {
                     entry.channel.close(promise: nil)
@@ -228,6 +236,10 @@ final class Session {
         relayOnly: Bool, guestTLS: NIOSSLContext?, context: ChannelHandlerContext, opaque: Bool = false
     ) -> EventLoopFuture<Void> {
         guard let upstream, guest.isActive, !finished else { return guest.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+        if reusedUpstreamSpoke {
+            record(.warn, "upstream-error", reason: "a pooled upstream connection sent bytes nobody asked for", action: "reset")
+            return guest.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+        }
         do {
             let guestPipeline = guest.pipeline.syncOperations
             let upstreamPipeline = upstream.pipeline.syncOperations
@@ -295,7 +307,7 @@ final class Session {
     /// blocked): the upstream connection goes to the pool instead of closing. Returns
     /// whether it did; the session no longer owns the connection then.
     private func poolUpstream() -> Bool {
-        guard mayPoolUpstream, let upstream, upstream.isActive, blockAnswer == nil,
+        guard mayPoolUpstream, let upstream, upstream.isActive, blockAnswer == nil, policyGeneration == shared.currentPolicy.generation,
             let rewriter, rewriter.status == .open, rewriter.betweenRequests, rewriter.identity.isTLS,
             let masker, masker.upstreamReusable, masker.betweenResponses, masker.outstandingResponses == 0,
             let serverName
@@ -309,10 +321,14 @@ final class Session {
             return false
         }
         self.upstream = nil
+        // Read while idle (reading may have stopped for a slow guest): a byte or a close from
+        // the upstream then takes the connection out of the pool at once.
+        upstream.setOption(.autoRead, value: true).whenFailure { _ in }
+        upstream.read()
         let evicted = shared.upstreamPool.put(
             UpstreamPool.Entry(
                 channel: upstream, serverName: serverName, offeredHTTP2: guestOffersHTTP2, applicationProtocol: upstreamProtocol,
-                since: .now()),
+                since: .now(), generation: policyGeneration),
             to: destination)
         for channel in evicted { channel.close(promise: nil) }
         shared.metrics.upstreamPooled.increment()
@@ -771,6 +787,8 @@ final class Session {
 
     func guestClosed() {
         guard !finished else { return }
+        // Only a guest that left between requests leaves a connection worth pooling.
+        let betweenRequests = rewriter?.betweenRequests ?? false
         if let rewriter {
             rewriter.finish(into: &output)
             deliver(rewriter)
@@ -778,7 +796,7 @@ final class Session {
         }
         finished = true
         headDeadline?.cancel()
-        if !poolUpstream() { upstream?.close(promise: nil) }
+        if !(betweenRequests && poolUpstream()) { upstream?.close(promise: nil) }
     }
 
     func upstreamClosed() {

@@ -31,7 +31,7 @@ struct UpstreamPoolEndToEndTests {
         defer { harness.close() }
         let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
         // One event loop: idle connections are pooled per loop (see the next test for two).
-        try harness.startProxy(policy: Self.policy, extra: ["--threads", "1"])
+        try harness.startProxy(policy: Self.policy, extra: ["--threads", "1", "--upstream-idle-timeout", "30"])
 
         let first = try harness.curl("https://api.example.test/one", "-H 'Authorization: Bearer $MSB_TOKEN'")
         #expect(first.stdout == "ok\n", "\(first.stderr)")
@@ -61,7 +61,7 @@ struct UpstreamPoolEndToEndTests {
         let harness = try ProxyHarness()
         defer { harness.close() }
         let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
-        try harness.startProxy(policy: Self.policy, extra: ["--threads", "2"])
+        try harness.startProxy(policy: Self.policy, extra: ["--threads", "2", "--upstream-idle-timeout", "30"])
         for n in 0..<6 { #expect(try harness.curl("https://api.example.test/\(n)").stdout == "ok\n") }
         // Guest connections take turns on the two loops: two upstream connections in all.
         #expect(Set(harness.records(log).compactMap { $0["peer"] as? String }).count == 2)
@@ -73,7 +73,7 @@ struct UpstreamPoolEndToEndTests {
         defer { harness.close() }
         // One upstream address whose certificate names api.example.test only.
         let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
-        try harness.startProxy(policy: Self.policy, pins: ["api.example.test=203.0.113.10", "other.example.test=203.0.113.10"], extra: ["--threads", "1"])
+        try harness.startProxy(policy: Self.policy, pins: ["api.example.test=203.0.113.10", "other.example.test=203.0.113.10"], extra: ["--threads", "1", "--upstream-idle-timeout", "30"])
 
         #expect(try harness.curl("https://api.example.test/warm").stdout == "ok\n")
         // Another name to the same address gets a handshake of its own, which fails: the
@@ -98,11 +98,28 @@ struct UpstreamPoolEndToEndTests {
         #expect(peers[2] != peers[0])
     }
 
+    @Test func aPolicyReloadRetiresEveryConnectionPooledBeforeIt() throws {
+        let harness = try ProxyHarness()
+        defer { harness.close() }
+        let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        try harness.startProxy(policy: Self.policy, extra: ["--threads", "1", "--upstream-idle-timeout", "30"])
+        #expect(try harness.curl("https://api.example.test/before").stdout == "ok\n")
+        let pid = try #require(try harness.proxyPID())
+        kill(pid, SIGHUP)
+        try harness.waitFor(file: harness.proxyStderr, containing: "reloaded")
+        let after = try harness.curl("https://api.example.test/after", "-H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(after.stdout == "ok\n", "\(after.stderr)")
+        let records = harness.records(log)
+        try #require(records.count == 2)
+        #expect(Set(records.compactMap { $0["peer"] as? String }).count == 2)
+        #expect(harness.header(records[1], "Authorization") == "Bearer \(Self.realValue)")
+    }
+
     @Test func anUpstreamThatClosesAnIdleConnectionIsNotUsedAgainAndPoolingCanBeTurnedOff() throws {
         let harness = try ProxyHarness()
         defer { harness.close() }
         let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test", extra: ["--keepalive", "1"])
-        try harness.startProxy(policy: Self.policy, extra: ["--threads", "1"])
+        try harness.startProxy(policy: Self.policy, extra: ["--threads", "1", "--upstream-idle-timeout", "30"])
         #expect(try harness.curl("https://api.example.test/a").stdout == "ok\n")
         Thread.sleep(forTimeInterval: 2)  // the upstream closes the idle connection
         let b = try harness.curl("https://api.example.test/b", "-H 'Authorization: Bearer $MSB_TOKEN'")

@@ -66,6 +66,21 @@ struct UpstreamKeepAliveTests {
         #expect(run10.text == old)
     }
 
+    @Test func aCloseThatStillGoesUpstreamMakesTheConnectionUnreusable() {
+        // A substitution in the Connection line itself: Keyhole leaves the line as it is, so
+        // the upstream is asked to close, and the connection must not be pooled.
+        var inject = Injection()
+        inject.headers = true
+        let request = "GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close, $MSB_TOKEN\r\n\r\n"
+        let run = rewrite(request, secrets: [secret("TOKEN", value: "real-token-value", inject: inject)], configuration: Self.keepAlive)
+        #expect(run.text == "GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close, real-token-value\r\n\r\n")
+        let expected = run.output.expectedResponses
+        #expect(expected.map(\.closeAfter) == [false])
+        #expect(expected.map(\.upstreamCloses) == [true])
+        let (_, masker) = mask("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", expected)
+        #expect(!masker.upstreamReusable)
+    }
+
     @Test func aPlaceholderInTheConnectionLineIsStillAViolation() {
         let request = "GET / HTTP/1.1\r\nHost: evil.example.net\r\nConnection: close, $MSB_TOKEN\r\n\r\n"
         let run = rewrite(request, identity: .verifiedTLS(sni: "evil.example.net"), configuration: Self.keepAlive)
