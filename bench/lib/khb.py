@@ -468,6 +468,31 @@ def report(raw, meta_path, out_md, out_png):
                  f"{pct(s)} | {med(s, 'proxy_cpu_us_per_req')} | {res} | {errs} | {check_text(s)} |")
     L.append("")
 
+    # (g) both cores
+    if any(r["workload"] == "ka2" for r in records):
+        L.append("## (g) Keep-alive with the proxy on both cores")
+        L.append("")
+        L.append(f"(a) again with the proxy allowed on cpus {p['client_cpu']},{p['proxy_cpu']}: nginx with two workers, Keyhole "
+                 "with two event loops (one per usable core). The client (wrk with two threads) and the upstream share those "
+                 "two cores with it, so no contender can double; the scaling column is the ratio to the same contender's "
+                 "one-core (a) figure in this run.")
+        L.append("")
+        L.append("| contender | requests/s (1 core) | requests/s (2 cores) | ± | scaling 1 → 2 | × nginx (2 cores) | proxy CPU | CPU µs / request | upstream check |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        one = {c: summarize(records, "ka", c, "rate") for c in contenders}
+        two = {c: summarize(records, "ka2", c, "rate") for c in contenders}
+        two_n = valid(two.get("nginx", {}))
+        for c in contenders:
+            s2 = two[c]
+            if "records" not in s2:
+                continue
+            s1 = one.get(c, {})
+            scale = fmt_ratio(valid(s2), valid(s1)) if valid(s1) else "—"
+            L.append(f"| {LABELS[c]} | {cell(s1) if 'records' in s1 else '—'} | {cell(s2)} | {spread(s2)} | {scale} | "
+                     f"{fmt_ratio(valid(s2), two_n) if c != 'nginx' else '1.00×' if two_n else '—'} | "
+                     f"{pct(s2)} | {med(s2, 'proxy_cpu_us_per_req', 1, 1)} | {check_text(s2)} |")
+        L.append("")
+
     # (f) new connections, step by step
     nc0 = summarize(records, "nc0", "keyhole", "rate")
     if "records" in nc0:
