@@ -18,6 +18,7 @@ struct RequestHead {
     }
 
     static let maxLines = 1024
+    static let typicalLines = 64
     /// Offsets of each line's LF, reused between requests.
     var lineEnds: [UInt32] = []
 
@@ -76,10 +77,18 @@ struct RequestHead {
     /// every control byte (bare CR/LF, NUL, other controls) on the way.
     mutating func scanLines(_ b: UnsafeRawBufferPointer) -> LineScan {
         guard b.count > 0 else { return .incomplete }
-        if lineEnds.count < Self.maxLines { lineEnds = [UInt32](repeating: 0, count: Self.maxLines) }
+        // Room for the lines of a typical head; a longer one gets the full table (kept per
+        // connection: a small one keeps an idle connection small).
+        if lineEnds.isEmpty { lineEnds = [UInt32](repeating: 0, count: Self.typicalLines) }
         var offending = 0
-        let result = lineEnds.withUnsafeMutableBufferPointer { ends in
-            keyhole_head_lines(b.baseAddress!.assumingMemoryBound(to: UInt8.self), b.count, ends.baseAddress!, Self.maxLines, &offending)
+        var result = lineEnds.withUnsafeMutableBufferPointer { ends in
+            keyhole_head_lines(b.baseAddress!.assumingMemoryBound(to: UInt8.self), b.count, ends.baseAddress!, ends.count, &offending)
+        }
+        if result == -5, lineEnds.count < Self.maxLines {
+            lineEnds = [UInt32](repeating: 0, count: Self.maxLines)
+            result = lineEnds.withUnsafeMutableBufferPointer { ends in
+                keyhole_head_lines(b.baseAddress!.assumingMemoryBound(to: UInt8.self), b.count, ends.baseAddress!, ends.count, &offending)
+            }
         }
         switch result {
         case -1: return .error(.bareLF)

@@ -73,13 +73,27 @@ public struct AuditRecord: Sendable {
         Self.appendKey("connection", to: &out, first: false)
         out += String(connection).utf8
         Self.appendField("event", event, to: &out)
-        let optional: [(String, String?)] = [
-            ("secret", secret), ("site", site), ("form", form), ("reason", reason), ("action", action), ("sni", sni), ("host", host),
-            ("destination", destination), ("method", method), ("path", path), ("detail", detail), ("response", response),
-        ]
-        for (key, value) in optional {
-            if let value { Self.appendField(key, value, to: &out) }
+        // One call per field (no array of pairs to allocate for every record).
+        func optional(_ key: StaticString, _ value: String?) {
+            guard let value else { return }
+            out.append(UInt8(ascii: ","))
+            out.append(UInt8(ascii: "\""))
+            out.append(contentsOf: UnsafeBufferPointer(start: key.utf8Start, count: key.utf8CodeUnitCount))
+            out += "\":".utf8
+            Self.appendQuoted(value, to: &out)
         }
+        optional("secret", secret)
+        optional("site", site)
+        optional("form", form)
+        optional("reason", reason)
+        optional("action", action)
+        optional("sni", sni)
+        optional("host", host)
+        optional("destination", destination)
+        optional("method", method)
+        optional("path", path)
+        optional("detail", detail)
+        optional("response", response)
         out += "}\n".utf8
     }
 
@@ -230,6 +244,22 @@ public final class AuditLog: Sendable {
     public func write(_ record: AuditRecord) {
         for observer in observers.withLock({ $0 }) { observer(record) }
         if case .discard = sink { return }
+        if case .file = sink, record.level == .info, let loop = MultiThreadedEventLoopGroup.currentEventLoop {
+            // The common case (a substitution on an event loop): formatted straight into the
+            // batch, written out after the loop's current work.
+            let time = Date()
+            let schedule: Bool = state.withLock { state in
+                record.appendJSONLine(to: &state.bytes, time: time)
+                guard state.bytes.count < Self.batchLimit else {
+                    Self.writeOut(&state)
+                    return false
+                }
+                defer { state.flushScheduled = true }
+                return !state.flushScheduled
+            }
+            if schedule { loop.execute { [self] in self.flush() } }
+            return
+        }
         var line: [UInt8] = []
         record.appendJSONLine(to: &line, time: Date())
         if case .syslog(let socket) = sink {

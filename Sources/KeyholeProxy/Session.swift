@@ -9,7 +9,8 @@ import NIOSSL
 import Glibc
 #endif
 
-/// One guest connection and its upstream: confined to one event loop. Connects upstream as
+/// One guest connection and its upstream: confined to one event loop (so its hot state has
+/// no dynamic exclusivity checks: nothing else can reach it while a method runs). Connects upstream as
 /// soon as the destination is known, builds the pipelines for what the first flight says
 /// (`setUp`), then carries bytes through the engine (`fromGuest`) and back (`fromUpstream`),
 /// deciding upgrades from the upstream's response head.
@@ -22,24 +23,24 @@ final class Session {
     let policy: Policy
     /// Which reload of the policy this session runs under (pooled connections stay within one).
     let policyGeneration: UInt64
-    var upstream: (any Channel)?
-    var rewriter: RequestRewriter?
-    var serverName: String?
+    @exclusivity(unchecked) var upstream: (any Channel)?
+    @exclusivity(unchecked) var rewriter: RequestRewriter?
+    @exclusivity(unchecked) var serverName: String?
     /// The host name the upstream's certificate was verified for (a dNSName SAN matching
     /// the SNI, on a chain to a trusted root); nil until then, and for flows with no name.
-    var verifiedName: String?
-    var output = RewriteOutput()
-    var finished = false
+    @exclusivity(unchecked) var verifiedName: String?
+    @exclusivity(unchecked) var output = RewriteOutput()
+    @exclusivity(unchecked) var finished = false
     /// Set while a request head is partly received; fires the slowloris defence.
-    var headDeadline: Scheduled<Void>?
-    var requestsCounted = 0
+    @exclusivity(unchecked) var headDeadline: Scheduled<Void>?
+    @exclusivity(unchecked) var requestsCounted = 0
     /// The upstream → guest direction of an HTTP connection: response framing (which
     /// decides upgrades) and masking.
-    var masker: ResponseMasker?
-    var maskOutput = MaskOutput()
+    @exclusivity(unchecked) var masker: ResponseMasker?
+    @exclusivity(unchecked) var maskOutput = MaskOutput()
     /// With `block_response: http`: the answer to the blocked request, sent instead of a
     /// reset once the engine stops.
-    var blockAnswer: ByteBuffer?
+    @exclusivity(unchecked) var blockAnswer: ByteBuffer?
     /// The same on HTTP/2: the reason and the JSON body for the blocked stream's `403`.
     var blockAnswerHTTP2: (reason: String, body: String)?
     /// Inside a guest's `CONNECT host:port` tunnel: the host (normalized). A TLS flow in it
@@ -51,7 +52,7 @@ final class Session {
     /// Both legs speak HTTP/2.
     weak var http2: HTTP2Relay?
     /// The upstream connection came verified from the pool (no handshake of its own).
-    var reusedUpstream = false
+    @exclusivity(unchecked) var reusedUpstream = false
     /// A pooled upstream sent something before this session asked it anything.
     var reusedUpstreamSpoke = false
 
@@ -62,10 +63,12 @@ final class Session {
         self.guest = guest
         self.destination = destination
         self.destinationIP = destination.keyholeIP
+        self.destinationText = "\(destination.keyholeIP?.description ?? "?"):\(destination.port ?? 0)"
         self.policy = policy
     }
 
-    var destinationText: String { "\(destinationIP?.description ?? "?"):\(destination.port ?? 0)" }
+    /// `IP:port`, for audit records (built once).
+    let destinationText: String
 
     func record(_ level: AuditRecord.Level, _ event: String, reason: String? = nil, action: String? = nil, detail: String? = nil) {
         shared.audit.write(
