@@ -532,6 +532,8 @@ def report(raw, meta_path, out_md, out_png):
          "mitmproxy streams the body through a replacing function in its addon; \"direct\" sends the body "
          "with the real values already in. The upstream checks that every placeholder arrived as the real value."),
     ):
+        if not any(r["workload"] == wl for r in records):
+            continue  # not in WORKLOADS this run
         L.append(f"## {title}")
         L.append("")
         L.append(text)
@@ -677,10 +679,24 @@ def chart(contenders, ka, nc, up, meta, out_png):
             out.append((s.get(key), s["status"]))
         return out
 
-    panel(axes[0][0], vals(ka), "(a) keep-alive requests/s (higher is better)", "requests/s", "{:,.0f}")
+    def ratios(summary):
+        """Each contender's median as a multiple of nginx's (same run)."""
+        ref = summary.get("nginx", {}).get("median")
+        out = []
+        for c in contenders:
+            s = summary[c]
+            v = s.get("median")
+            out.append((v / ref if v is not None and ref else None, s["status"] if ref else "no nginx"))
+        return out
+
+    def ratio_panel(ax, summary, title):
+        panel(ax, ratios(summary), title, "× nginx", "{:.2f}×")
+        ax.axhline(1.0, color="#1f77b4", linewidth=0.8, linestyle="--")
+
+    ratio_panel(axes[0][0], ka, "(a) keep-alive requests/s, × nginx (higher is better)")
     panel(axes[0][1], vals(ka, "p99_ms"), "(a) keep-alive p99 latency (lower is better)", "ms", "{:.2f}")
-    panel(axes[1][0], vals(nc), "(b) new TLS connections/s (higher is better)", "connections/s", "{:,.0f}")
-    panel(axes[1][1], vals(up), f"(c) {meta['params']['upload_mib']} MiB upload (higher is better)", "MiB/s", "{:,.0f}")
+    ratio_panel(axes[1][0], nc, "(b) new TLS connections/s, × nginx (higher is better)")
+    ratio_panel(axes[1][1], up, f"(c) {meta['params']['upload_mib']} MiB upload, × nginx (higher is better)")
     m = meta["machine"]
     fig.suptitle(f"Keyhole vs. peers — {m['cpu']}, {m['cores']} cores, median of {meta['params']['rounds']} round(s), "
                  f"{meta['date']}", fontsize=10)
