@@ -115,6 +115,23 @@ struct UpstreamPoolEndToEndTests {
         #expect(harness.header(records[1], "Authorization") == "Bearer \(Self.realValue)")
     }
 
+    @Test func anIdleConnectionOnWhichTheUpstreamSpeaksUnaskedIsNeverLent() throws {
+        let harness = try ProxyHarness()
+        defer { harness.close() }
+        // After every response, 300 ms later, a second response nobody asked for.
+        let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test", extra: ["--stray", "300"])
+        try harness.startProxy(policy: Self.policy, extra: ["--threads", "1", "--upstream-idle-timeout", "30"])
+        #expect(try harness.curl("https://api.example.test/first").stdout == "ok\n")
+        Thread.sleep(forTimeInterval: 1)  // the stray response reaches the idle pooled connection
+        // The next guest connection gets its own answer, not the stray one, over a new connection.
+        let second = try harness.curl("https://api.example.test/second", "-H 'Authorization: Bearer $MSB_TOKEN'")
+        #expect(second.stdout == "ok\n", "\(second.stdout) \(second.stderr)")
+        let records = harness.records(log)
+        try #require(records.count == 2)
+        #expect(Set(records.compactMap { $0["peer"] as? String }).count == 2)
+        #expect(counter(harness, "keyhole_upstream_reused_total") == 0)
+    }
+
     @Test func anUpstreamThatClosesAnIdleConnectionIsNotUsedAgainAndPoolingCanBeTurnedOff() throws {
         let harness = try ProxyHarness()
         defer { harness.close() }

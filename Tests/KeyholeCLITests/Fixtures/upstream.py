@@ -153,6 +153,10 @@ def handle(conn, args, lock):
                 conn.sendall(reflect(target, h))
                 continue
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\nok\n")
+            if args.stray:
+                # A misbehaving upstream: a second response nobody asked for, a little later.
+                time.sleep(args.stray / 1000)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nstray\n")
     except (OSError, ValueError):
         return
     finally:
@@ -169,6 +173,7 @@ def main():
     p.add_argument("--discard", action="store_true", help="count body bytes instead of keeping them")
     p.add_argument("--reflect", action="store_true", help="echo the Authorization value back under /reflect/")
     p.add_argument("--keepalive", type=float, default=60, help="seconds an idle connection is kept open")
+    p.add_argument("--stray", type=int, default=0, help="ms after each response: send a response nobody asked for")
     args = p.parse_args()
     family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
     srv = socket.socket(family, socket.SOCK_STREAM)
