@@ -91,16 +91,7 @@ struct FirstFlightStateMachine {
         guard state == .idle else { return [] }
         if deferConnect {
             state = .connected
-            switch classify() {
-            case .flow(let kind)?:
-                state = .settingUp(kind)
-                return [.stopReading, .setUp(kind)]
-            case .connect?:
-                state = .tunneling
-                return [.stopReading, .tunnel]
-            case nil:
-                return []
-            }
+            return decideConnected()
         }
         state = .connecting(kind: nil)
         // Bytes may have arrived before the destination was read.
@@ -191,16 +182,7 @@ struct FirstFlightStateMachine {
         timedOut = true
         switch state {
         case .connected:
-            switch classify() {
-            case .flow(let kind)?:
-                state = .settingUp(kind)
-                return [.stopReading, .setUp(kind)]
-            case .connect?:
-                state = .tunneling
-                return [.stopReading, .tunnel]
-            case nil:
-                return []
-            }
+            return decideConnected()
         case .connecting(nil):
             switch classify() {
             case .flow(let kind)?:
@@ -235,6 +217,20 @@ struct FirstFlightStateMachine {
         default:
             state = .failed
             return [.reset(reason: "upstream unavailable")]
+        }
+    }
+
+    /// Connected (or connecting deferred): what has arrived decides, if it can.
+    private mutating func decideConnected() -> [Action] {
+        switch classify() {
+        case .flow(let kind)?:
+            state = .settingUp(kind)
+            return [.stopReading, .setUp(kind)]
+        case .connect?:
+            state = .tunneling
+            return [.stopReading, .tunnel]
+        case nil:
+            return []
         }
     }
 
