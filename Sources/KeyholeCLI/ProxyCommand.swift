@@ -81,6 +81,12 @@ struct ProxyCommand: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
+            "Seconds a guest connection may stay open without upstream traffic before its upstream connection goes back to the pool (0: kept for the guest connection's lifetime).",
+            valueName: "s"))
+    var upstreamDetachAfter: Double = 2
+
+    @Option(
+        help: ArgumentHelp(
             "Event loops (threads) per guarded interface or listener; default: one per CPU this process may run on. Idle upstream connections are pooled per event loop.",
             valueName: "n"))
     var threads: Int?
@@ -109,6 +115,7 @@ struct ProxyCommand: AsyncParsableCommand {
         if firstFlightTimeout <= 0 { throw ValidationError("--first-flight-timeout must be positive") }
         if headTimeout <= 0 { throw ValidationError("--head-timeout must be positive") }
         if let threads, !(1...256).contains(threads) { throw ValidationError("--threads must be 1 to 256") }
+        if upstreamDetachAfter < 0 || upstreamDetachAfter > 3600 { throw ValidationError("--upstream-detach-after must be 0 to 3600 seconds") }
         if upstreamIdleTimeout < 0 || upstreamIdleTimeout > 3600 { throw ValidationError("--upstream-idle-timeout must be 0 to 3600 seconds") }
     }
 
@@ -243,6 +250,7 @@ struct ProxyCommand: AsyncParsableCommand {
             firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)),
             headTimeout: .milliseconds(Int64(headTimeout * 1000)))
         configuration.upstreamIdleTimeout = .milliseconds(Int64(upstreamIdleTimeout * 1000))
+        configuration.upstreamDetachAfter = .milliseconds(Int64(upstreamDetachAfter * 1000))
         if let threads { configuration.threads = threads }
         // A guest's CONNECT host is resolved through network.dns, else this host's resolvers.
         configuration.tunnelResolver = (try? GuestAddressing.trustedResolvers(for: policy)).map { TrustedResolver(servers: $0) }
@@ -267,6 +275,7 @@ struct ProxyCommand: AsyncParsableCommand {
                 proxyPort: proxyPort + UInt16(index), queueNumber: queueNum + UInt16(index), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
                 firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)), headTimeout: .milliseconds(Int64(headTimeout * 1000)),
                 stateDirectory: state.resolved, upstreamIdleTimeout: .milliseconds(Int64(upstreamIdleTimeout * 1000)),
+                upstreamDetachAfter: .milliseconds(Int64(upstreamDetachAfter * 1000)),
                 threads: threads ?? ProxyConfiguration.usableCores)
             do {
                 // Each interface's counters carry its sandbox and interface (one /metrics for all).

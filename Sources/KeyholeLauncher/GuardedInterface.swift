@@ -17,14 +17,18 @@ public struct GuardSettings: Sendable {
     public var stateDirectory: String?
     /// How long a verified upstream connection waits in the pool (zero: no pooling).
     public var upstreamIdleTimeout: TimeAmount
+    /// How long a quiet guest connection keeps its upstream connection (zero: for good).
+    public var upstreamDetachAfter: TimeAmount
     /// Event loops of the interface's proxy.
     public var threads: Int
 
     public init(
         proxyPort: UInt16 = 15001, queueNumber: UInt16 = 4242, upstreamMark: UInt32? = 0x4B48,
         firstFlightTimeout: TimeAmount = .seconds(5), headTimeout: TimeAmount = .seconds(30), stateDirectory: String? = nil,
-        upstreamIdleTimeout: TimeAmount = .seconds(1), threads: Int = ProxyConfiguration.usableCores
+        upstreamIdleTimeout: TimeAmount = .seconds(1), upstreamDetachAfter: TimeAmount = .seconds(2),
+        threads: Int = ProxyConfiguration.usableCores
     ) {
+        self.upstreamDetachAfter = upstreamDetachAfter
         self.threads = threads
         self.stateDirectory = stateDirectory
         self.upstreamIdleTimeout = upstreamIdleTimeout
@@ -78,6 +82,7 @@ public final class GuardedInterface: Sendable {
             firstFlightTimeout: settings.firstFlightTimeout, headTimeout: settings.headTimeout)
         configuration.alsoIPv6 = true
         configuration.upstreamIdleTimeout = settings.upstreamIdleTimeout
+        configuration.upstreamDetachAfter = settings.upstreamDetachAfter
         configuration.threads = settings.threads
         // A guest's CONNECT goes to what these resolvers say its host is.
         configuration.tunnelResolver = TrustedResolver(servers: resolvers)

@@ -44,6 +44,10 @@ public struct ProxyConfiguration: Sendable {
     /// 2 s, Node's 5 s), so a pooled connection is not one the upstream is closing just then
     /// (a request written into a closing connection would be lost: the guest sees a reset).
     public var upstreamIdleTimeout: TimeAmount = .seconds(1)
+    /// A guest connection kept open but quiet (no upstream traffic) for this long gives its
+    /// upstream connection back to the pool, and takes one (or connects and verifies anew)
+    /// at its next request; zero keeps every guest connection's upstream for its lifetime.
+    public var upstreamDetachAfter: TimeAmount = .seconds(2)
 
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),

@@ -55,6 +55,14 @@ final class Session {
     @exclusivity(unchecked) var reusedUpstream = false
     /// A pooled upstream sent something before this session asked it anything.
     var reusedUpstreamSpoke = false
+    /// The guest went quiet between requests and its upstream connection went back to the
+    /// pool (`detachIfIdle`); the next request takes one again, or connects and verifies anew.
+    var detached = false
+    /// An upstream connection is being found for a detached session; the guest is not read.
+    var reattaching = false
+    /// When the upstream was last written to or read from (for `detachIfIdle`).
+    @exclusivity(unchecked) var lastUpstreamUse = NIODeadline.now()
+    var detachTimer: Scheduled<Void>?
 
     init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy, policyGeneration: UInt64) {
         self.policyGeneration = policyGeneration
@@ -192,7 +200,7 @@ final class Session {
 
     /// Completes a verified TLS handshake with SNI = the guest's server name, then checks
     /// that the certificate names it as a DNS name.
-    private func startUpstreamTLS(on upstream: any Channel) -> EventLoopFuture<Void> {
+    private func startUpstreamTLS(on upstream: any Channel, offerHTTP2: Bool? = nil) -> EventLoopFuture<Void> {
         // Only a valid host name is a name: anything else is sent as no SNI, and the flow
         // has no verified name (no secret can flow on it).
         let hostname = serverName.flatMap { HostName.problem(with: $0) == nil ? $0 : nil }
@@ -200,7 +208,7 @@ final class Session {
         let client: NIOSSLClientHandler
         do {
             // h2 is offered upstream only for a guest that offers it.
-            let context = guestOffersHTTP2 ? shared.tls.upstreamContextHTTP2 : shared.tls.upstreamContext
+            let context = (offerHTTP2 ?? guestOffersHTTP2) ? shared.tls.upstreamContextHTTP2 : shared.tls.upstreamContext
             client = try NIOSSLClientHandler(context: context, serverHostname: hostname)
             let pipeline = upstream.pipeline.syncOperations
             try pipeline.addHandler(client, position: .first)
@@ -353,8 +361,9 @@ final class Session {
     // MARK: Data
 
     func fromGuest(_ buffer: ByteBuffer) {
-        guard let upstream, !finished else { return }
+        guard !finished else { return }
         guard let rewriter else {
+            guard let upstream else { return }
             // TLS bypass: relay untouched.
             shared.metrics.bytesUpstream.increment(by: Int64(buffer.readableBytes))
             upstream.writeAndFlush(buffer, promise: nil)
@@ -395,6 +404,113 @@ final class Session {
         }
         masker.consume(buffer, into: &maskOutput)
         deliverToGuest()
+        lastUpstreamUse = .now()
+        if detachTimer == nil, !finished { armDetachTimer() }
+    }
+
+    // MARK: Idle upstream
+
+    /// A guest that keeps its connection open but goes quiet does not keep an upstream
+    /// connection: after `upstreamDetachAfter` without upstream traffic, at a clean boundary,
+    /// the upstream goes to the pool (where another guest connection may take it, or it
+    /// closes after the pool's idle timeout). One timer per session, re-armed only when it
+    /// fires early, so a busy connection pays a clock read per response, not a timer.
+    private func armDetachTimer() {
+        let after = shared.configuration.upstreamDetachAfter
+        guard after > .zero, rewriter != nil, !detached, mayPoolUpstream else { return }
+        let loopSelf = NIOLoopBound(self, eventLoop: guest.eventLoop)
+        detachTimer = guest.eventLoop.scheduleTask(deadline: lastUpstreamUse + after) {
+            let session = loopSelf.value
+            session.detachTimer = nil
+            guard !session.finished, !session.detached, session.upstream != nil else { return }
+            if NIODeadline.now() < session.lastUpstreamUse + after {
+                session.armDetachTimer()
+            } else if let rewriter = session.rewriter, rewriter.betweenRequests, session.poolUpstream() {
+                session.detached = true
+            }
+        }
+    }
+
+    /// The detached session's guest sent a request: an idle pooled connection verified for
+    /// this name, or a new one, handshaken and verified like the first (nothing of the
+    /// request goes out before). Meanwhile the guest is not read and what the engine
+    /// produced is held in order.
+    private func reattach() {
+        guard !reattaching, !finished, let serverName else { return }
+        reattaching = true
+        updateGuestReading()
+        let loop = guest.eventLoop
+        if let entry = shared.upstreamPool.take(to: destination, serverName: serverName, offersHTTP2: nil, generation: policyGeneration, on: loop) {
+            do {
+                let pipeline = entry.channel.pipeline.syncOperations
+                try pipeline.addHandler(UpstreamSideHandler(session: self))
+                pipeline.removeHandler(try pipeline.handler(type: PooledIdleHandler.self), promise: nil)
+                shared.metrics.upstreamReused.increment()
+                return reattached(entry.channel)
+            } catch {
+                entry.channel.close(promise: nil)
+            }
+        }
+        if case .denied(let rule) = shared.egressDecision(for: destination) {
+            shared.metrics.egressDenied.increment()
+            record(.warn, "egress-denied", reason: rule, action: "reset")
+            return abort()
+        }
+        var bootstrap = ClientBootstrap(group: loop)
+            .connectTimeout(shared.configuration.connectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        if let mark = shared.configuration.upstreamMark {
+            bootstrap = bootstrap.channelOption(
+                ChannelOptions.Types.SocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(36)),  // SO_MARK
+                value: SocketOptionValue(Int32(bitPattern: mark)))
+        }
+        bootstrap.connect(to: destination).assumeIsolated().flatMapError { error -> EventLoopFuture<any Channel> in
+            self.shared.metrics.upstreamConnectFailures.increment()
+            self.record(.warn, "upstream-connect-failed", detail: "\(error)")
+            return loop.makeFailedFuture(error)
+        }.flatMap { channel -> EventLoopFuture<any Channel> in
+            guard !self.finished else {
+                channel.close(promise: nil)
+                return loop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+            }
+            // The guest's side already speaks HTTP/1.1: the upstream is offered only that.
+            return self.startUpstreamTLS(on: channel, offerHTTP2: false).map { channel }.flatMapErrorThrowing { error in
+                channel.close(promise: nil)
+                throw error
+            }
+        }.whenComplete { result in
+            switch result {
+            case .success(let channel):
+                guard !self.finished, self.verifiedName == serverName else {
+                    channel.close(promise: nil)
+                    return
+                }
+                let pipeline = channel.pipeline.syncOperations
+                if let watcher = try? pipeline.handler(type: HandshakeWatcher.self) { pipeline.removeHandler(watcher, promise: nil) }
+                do {
+                    try pipeline.addHandler(UpstreamSideHandler(session: self))
+                } catch {
+                    channel.close(promise: nil)
+                    return self.abort()
+                }
+                self.reattached(channel)
+            case .failure:
+                self.abort()
+            }
+        }
+    }
+
+    private func reattached(_ channel: any Channel) {
+        upstream = channel
+        detached = false
+        reattaching = false
+        lastUpstreamUse = .now()
+        if !output.upstream.isEmpty {
+            let total = Self.writeCoalesced(output.upstream, to: channel)
+            shared.metrics.bytesUpstream.increment(by: Int64(total))
+            output.upstream.removeAll(keepingCapacity: true)
+        }
+        updateGuestReading()
     }
 
     /// Writes what the masker decided to the guest and acts on its events: an upgrade
@@ -458,6 +574,7 @@ final class Session {
         guard !finished else { return }
         finished = true
         headDeadline?.cancel()
+        detachTimer?.cancel()
         if !poolUpstream() { upstream?.close(promise: nil) }
         written.assumeIsolated().whenComplete { [guest] _ in guest.close(promise: nil) }
     }
@@ -514,13 +631,13 @@ final class Session {
     /// toward a silent server stays within a read or two).
     func updateGuestReading() {
         guard !finished else { return }
-        let upstreamWritable = upstream?.isWritable ?? true
+        let upstreamWritable = upstream?.isWritable ?? !reattaching
         let deciding = rewriter?.status == .awaitingUpgradeDecision
         guest.setOption(.autoRead, value: upstreamWritable && !deciding).whenFailure { _ in }
     }
 
     private func deliver(_ rewriter: RequestRewriter) {
-        guard let upstream else { return }
+        guard upstream != nil || detached else { return }
         if !output.expectedResponses.isEmpty {
             for expected in output.expectedResponses { masker?.expect(expected) }
             output.expectedResponses.removeAll(keepingCapacity: true)
@@ -530,9 +647,15 @@ final class Session {
             requestsCounted = output.requests
         }
         if !output.upstream.isEmpty {
-            let total = Self.writeCoalesced(output.upstream, to: upstream)
-            shared.metrics.bytesUpstream.increment(by: Int64(total))
-            output.upstream.removeAll(keepingCapacity: true)
+            if let upstream {
+                let total = Self.writeCoalesced(output.upstream, to: upstream)
+                shared.metrics.bytesUpstream.increment(by: Int64(total))
+                output.upstream.removeAll(keepingCapacity: true)
+                lastUpstreamUse = .now()
+            } else {
+                // Detached: held (in order) until an upstream connection is back.
+                reattach()
+            }
         }
         if output.continueToGuest {
             output.continueToGuest = false
@@ -648,6 +771,7 @@ final class Session {
         finished = true
         http2 = nil
         headDeadline?.cancel()
+        detachTimer?.cancel()
         upstream?.close(promise: nil)
         if let answer = blockAnswer {
             blockAnswer = nil
@@ -799,6 +923,7 @@ final class Session {
         }
         finished = true
         headDeadline?.cancel()
+        detachTimer?.cancel()
         if !(betweenRequests && poolUpstream()) { upstream?.close(promise: nil) }
     }
 

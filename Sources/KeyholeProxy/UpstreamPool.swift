@@ -53,11 +53,12 @@ final class UpstreamPool: Sendable {
 
     /// The newest idle connection for this destination, name and loop, taken out of the pool.
     /// Call on `loop`: the connection's handlers run there, so it cannot close under the caller.
-    func take(to destination: SocketAddress, serverName: String, offersHTTP2: Bool, generation: UInt64, on loop: any EventLoop) -> Entry? {
+    /// `offersHTTP2` nil: any (a session that already speaks HTTP/1.1 with its guest).
+    func take(to destination: SocketAddress, serverName: String, offersHTTP2: Bool?, generation: UInt64, on loop: any EventLoop) -> Entry? {
         state.withLock { entries in
             guard var list = entries[destination],
                 let index = list.lastIndex(where: {
-                    $0.channel.eventLoop === loop && $0.serverName == serverName && $0.offeredHTTP2 == offersHTTP2
+                    $0.channel.eventLoop === loop && $0.serverName == serverName && (offersHTTP2 == nil || $0.offeredHTTP2 == offersHTTP2)
                         && $0.generation == generation && $0.channel.isActive
                 })
             else { return nil }

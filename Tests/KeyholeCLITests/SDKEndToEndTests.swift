@@ -1,4 +1,5 @@
 import Foundation
+import KeyholeLauncher
 import Testing
 
 /// The Swift SDK drives a real sandbox (the builtin guest, TCG here) through the example
@@ -63,8 +64,12 @@ struct SDKEndToEndTests {
         try launcher.expectCleanedUp(harness, rulesBefore: before)
         // This sandbox's run directory (initrd, console, the agent socket that runs commands)
         // is the owner's alone, and holds no socket or initrd once stopped.
+        // (Other suites' sandboxes may come and go in the same state directory meanwhile: only
+        // this sandbox's directory counts.)
+        let ours = (Launcher.runDirectory(stateDirectory: LauncherEndToEndTests.state, sandbox: "sdk\(harness.shortID)") as NSString).lastPathComponent
         let runFiles = Set((try? FileManager.default.contentsOfDirectory(atPath: runDirectory)) ?? []).subtracting(runDirectoriesBefore)
-        #expect(runFiles.count == 1, "\(runFiles)")
+            .filter { $0 == ours }
+        #expect(runFiles.count == 1, "\(runFiles), ours \(ours)")
         for directory in runFiles {
             let mode = (try? FileManager.default.attributesOfItem(atPath: runDirectory + "/" + directory)[.posixPermissions] as? Int) ?? nil
             #expect(mode == 0o700, "\(directory): \(String(mode ?? -1, radix: 8))")

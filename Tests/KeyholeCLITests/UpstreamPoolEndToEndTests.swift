@@ -132,6 +132,61 @@ struct UpstreamPoolEndToEndTests {
         #expect(counter(harness, "keyhole_upstream_reused_total") == 0)
     }
 
+    /// A guest's keep-alive connection that goes quiet: its requests, `GAP` seconds apart.
+    func keepAliveGuest(_ harness: ProxyHarness, paths: [String], gap: Double) throws -> CLI.Result {
+        try harness.guest(
+            """
+            python3 - <<'EOF'
+            import http.client, socket, ssl, time
+            ctx = ssl.create_default_context(cafile='\(harness.stateDirectory)/ca.pem')
+            c = http.client.HTTPSConnection('api.example.test', context=ctx, timeout=10)
+            c.sock = ctx.wrap_socket(socket.create_connection(('203.0.113.10', 443)), server_hostname='api.example.test')
+            for i, path in enumerate(\(paths)):
+                if i: time.sleep(\(gap))
+                c.request('GET', path, headers={'Authorization': 'Bearer $MSB_TOKEN'})
+                r = c.getresponse()
+                assert r.read() == b'ok\\n', path
+            print('keep-alive ok')
+            EOF
+            """)
+    }
+
+    @Test func aQuietGuestConnectionGivesItsUpstreamBackAndTakesOneAtItsNextRequest() throws {
+        // Taken back from the pool: one upstream connection for both requests.
+        let harness = try ProxyHarness()
+        defer { harness.close() }
+        let log = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        try harness.startProxy(
+            policy: Self.policy, extra: ["--threads", "1", "--upstream-idle-timeout", "30", "--upstream-detach-after", "0.5"])
+        let quiet = try keepAliveGuest(harness, paths: ["/one", "/two"], gap: 1.5)
+        #expect(quiet.stdout.contains("keep-alive ok"), "\(quiet.stderr)")
+        var records = harness.records(log)
+        #expect(records.map { $0["target"] as? String } == ["/one", "/two"])
+        #expect(Set(records.compactMap { $0["peer"] as? String }).count == 1)
+        #expect(counter(harness, "keyhole_upstream_reused_total") == 1)
+        // A new guest connection takes the upstream the first one left when it closed.
+        let shared = try keepAliveGuest(harness, paths: ["/three"], gap: 0)
+        #expect(shared.stdout.contains("keep-alive ok"))
+        records = harness.records(log)
+        for record in records { #expect(harness.header(record, "Authorization") == "Bearer \(Self.realValue)") }
+        #expect(Set(records.compactMap { $0["peer"] as? String }).count == 1)
+
+        // Gone from the pool by then: a new connection, handshaken and verified, and the
+        // request still substituted.
+        let fresh = try ProxyHarness()
+        defer { fresh.close() }
+        let freshLog = try fresh.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        try fresh.startProxy(
+            policy: Self.policy, extra: ["--threads", "1", "--upstream-idle-timeout", "0.3", "--upstream-detach-after", "0.5"])
+        let again = try keepAliveGuest(fresh, paths: ["/a", "/b"], gap: 1.5)
+        #expect(again.stdout.contains("keep-alive ok"), "\(again.stderr)")
+        let freshRecords = fresh.records(freshLog)
+        try #require(freshRecords.count == 2)
+        #expect(Set(freshRecords.compactMap { $0["peer"] as? String }).count == 2)
+        #expect(fresh.header(freshRecords[1], "Authorization") == "Bearer \(Self.realValue)")
+        #expect(counter(fresh, "keyhole_upstream_reused_total") == 0)
+    }
+
     @Test func anUpstreamThatClosesAnIdleConnectionIsNotUsedAgainAndPoolingCanBeTurnedOff() throws {
         let harness = try ProxyHarness()
         defer { harness.close() }
