@@ -63,6 +63,11 @@ final class Session {
     /// When the upstream was last written to or read from (for `detachIfIdle`).
     @exclusivity(unchecked) var lastUpstreamUse = NIODeadline.now()
     var detachTimer: Scheduled<Void>?
+    /// A reattach's new connection until it is verified (closed if the session ends first).
+    var pendingUpstream: (any Channel)?
+    var reattachDeadline: Scheduled<Void>?
+    /// The upstream connection in use was offered `h2` (what a pool entry records).
+    var upstreamOfferedHTTP2 = false
 
     init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy, policyGeneration: UInt64) {
         self.policyGeneration = policyGeneration
@@ -145,6 +150,7 @@ final class Session {
                 upstream = entry.channel
                 verifiedName = entry.serverName
                 upstreamProtocol = entry.applicationProtocol
+                upstreamOfferedHTTP2 = entry.offeredHTTP2
                 reusedUpstream = true
                 shared.metrics.upstreamReused.increment()
                 return loop.makeSucceededVoidFuture()
@@ -208,7 +214,8 @@ final class Session {
         let client: NIOSSLClientHandler
         do {
             // h2 is offered upstream only for a guest that offers it.
-            let context = (offerHTTP2 ?? guestOffersHTTP2) ? shared.tls.upstreamContextHTTP2 : shared.tls.upstreamContext
+            upstreamOfferedHTTP2 = offerHTTP2 ?? guestOffersHTTP2
+            let context = upstreamOfferedHTTP2 ? shared.tls.upstreamContextHTTP2 : shared.tls.upstreamContext
             client = try NIOSSLClientHandler(context: context, serverHostname: hostname)
             let pipeline = upstream.pipeline.syncOperations
             try pipeline.addHandler(client, position: .first)
@@ -318,15 +325,16 @@ final class Session {
     /// blocked): the upstream connection goes to the pool instead of closing. Returns
     /// whether it did; the session no longer owns the connection then.
     private func poolUpstream() -> Bool {
-        guard mayPoolUpstream, let upstream, upstream.isActive, blockAnswer == nil, policyGeneration == shared.currentPolicy.generation,
-            let rewriter, rewriter.status == .open, rewriter.betweenRequests, rewriter.identity.isTLS,
-            let masker, masker.upstreamReusable, masker.betweenResponses, masker.outstandingResponses == 0,
-            let serverName
+        guard atCleanBoundary, let upstream, upstream.isActive, policyGeneration == shared.currentPolicy.generation, let serverName
         else { return false }
+        // Idle since its last use: one idle for longer than the pool keeps connections may be
+        // one the upstream is closing (its keep-alive timeout), so it is not lent.
+        let since = lastUpstreamUse
+        guard since + shared.upstreamPool.idleTimeout > .now() else { return false }
         let pipeline = upstream.pipeline.syncOperations
         do {
             let side = try pipeline.handler(type: UpstreamSideHandler.self)
-            try pipeline.addHandler(PooledIdleHandler(pool: shared.upstreamPool))
+            try pipeline.addHandler(PooledIdleHandler(pool: shared.upstreamPool, deadline: since + shared.upstreamPool.idleTimeout))
             pipeline.removeHandler(side, promise: nil)
         } catch {
             return false
@@ -338,11 +346,33 @@ final class Session {
         upstream.read()
         let evicted = shared.upstreamPool.put(
             UpstreamPool.Entry(
-                channel: upstream, serverName: serverName, offeredHTTP2: guestOffersHTTP2, applicationProtocol: upstreamProtocol,
-                since: .now(), generation: policyGeneration),
+                channel: upstream, serverName: serverName, offeredHTTP2: upstreamOfferedHTTP2, applicationProtocol: upstreamProtocol,
+                since: since, generation: policyGeneration),
             to: destination)
         for channel in evicted { channel.close(promise: nil) }
         shared.metrics.upstreamPooled.increment()
+        return true
+    }
+
+    /// Every request went upstream whole, every response came back whole, the upstream
+    /// keeps the connection open, nothing was blocked: the upstream connection could carry
+    /// other requests (this session's later ones, or another guest connection's).
+    private var atCleanBoundary: Bool {
+        guard mayPoolUpstream, blockAnswer == nil, let rewriter, rewriter.status == .open, rewriter.betweenRequests, rewriter.identity.isTLS,
+            let masker, masker.upstreamReusable, masker.betweenResponses, masker.outstandingResponses == 0
+        else { return false }
+        return true
+    }
+
+    /// A quiet guest connection lets its upstream go: to the pool if it is young enough to
+    /// be lent, else closed (without closing the guest). Returns whether it let go.
+    private func detachIfIdle() -> Bool {
+        guard atCleanBoundary, let upstream else { return false }
+        if poolUpstream() { return true }
+        let pipeline = upstream.pipeline.syncOperations
+        if let side = try? pipeline.handler(type: UpstreamSideHandler.self) { pipeline.removeHandler(side, promise: nil) }
+        upstream.close(promise: nil)
+        self.upstream = nil
         return true
     }
 
@@ -425,7 +455,7 @@ final class Session {
             guard !session.finished, !session.detached, session.upstream != nil else { return }
             if NIODeadline.now() < session.lastUpstreamUse + after {
                 session.armDetachTimer()
-            } else if let rewriter = session.rewriter, rewriter.betweenRequests, session.poolUpstream() {
+            } else if session.detachIfIdle() {
                 session.detached = true
             }
         }
@@ -443,18 +473,42 @@ final class Session {
         if let entry = shared.upstreamPool.take(to: destination, serverName: serverName, offersHTTP2: nil, generation: policyGeneration, on: loop) {
             do {
                 let pipeline = entry.channel.pipeline.syncOperations
+                let idle = try pipeline.handler(type: PooledIdleHandler.self)
                 try pipeline.addHandler(UpstreamSideHandler(session: self))
-                pipeline.removeHandler(try pipeline.handler(type: PooledIdleHandler.self), promise: nil)
+                pipeline.removeHandler(idle, promise: nil)
                 shared.metrics.upstreamReused.increment()
+                upstreamOfferedHTTP2 = entry.offeredHTTP2
                 return reattached(entry.channel)
             } catch {
                 entry.channel.close(promise: nil)
             }
         }
+        // A new connection is held to what a new guest connection would be: egress now, and
+        // the name's DNS pin still within its TTL (the held bytes may carry real values that
+        // were substituted because of that pin).
         if case .denied(let rule) = shared.egressDecision(for: destination) {
             shared.metrics.egressDenied.increment()
-            record(.warn, "egress-denied", reason: rule, action: "reset")
+            record(.warn, "egress-denied", reason: rule, action: "reset", detail: "reconnecting an idle connection's upstream: its held requests were not sent")
             return abort()
+        }
+        if let rewriter, rewriter.identity.dnsPinnedNames.contains(serverName), let destinationIP,
+            !shared.dns.isPinned(name: serverName, address: destinationIP)
+        {
+            record(
+                .warn, "upstream-reattach-failed", reason: "dns-pin-expired", action: "reset",
+                detail: "the DNS answer that pinned the name to this address has expired: the held requests were not sent")
+            return abort()
+        }
+        // Verified anew: set again only by a handshake whose certificate names serverName.
+        verifiedName = nil
+        let loopSelf = NIOLoopBound(self, eventLoop: loop)
+        reattachDeadline = loop.scheduleTask(in: shared.configuration.connectTimeout) {
+            let session = loopSelf.value
+            guard session.reattaching, !session.finished else { return }
+            session.record(
+                .warn, "upstream-setup-timeout", reason: "the upstream did not complete its handshake in time", action: "reset",
+                detail: "reconnecting an idle connection's upstream: its held requests were not sent")
+            session.abort()
         }
         var bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(shared.configuration.connectTimeout)
@@ -473,17 +527,19 @@ final class Session {
                 channel.close(promise: nil)
                 return loop.makeFailedFuture(ChannelError.ioOnClosedChannel)
             }
+            self.pendingUpstream = channel
             // The guest's side already speaks HTTP/1.1: the upstream is offered only that.
             return self.startUpstreamTLS(on: channel, offerHTTP2: false).map { channel }.flatMapErrorThrowing { error in
                 channel.close(promise: nil)
                 throw error
             }
         }.whenComplete { result in
+            self.pendingUpstream = nil
             switch result {
             case .success(let channel):
                 guard !self.finished, self.verifiedName == serverName else {
                     channel.close(promise: nil)
-                    return
+                    return self.abort()
                 }
                 let pipeline = channel.pipeline.syncOperations
                 if let watcher = try? pipeline.handler(type: HandshakeWatcher.self) { pipeline.removeHandler(watcher, promise: nil) }
@@ -495,6 +551,9 @@ final class Session {
                 }
                 self.reattached(channel)
             case .failure:
+                if !self.finished {
+                    self.record(.warn, "upstream-reattach-failed", action: "reset", detail: "no verified upstream connection: the held requests were not sent")
+                }
                 self.abort()
             }
         }
@@ -504,7 +563,12 @@ final class Session {
         upstream = channel
         detached = false
         reattaching = false
+        reattachDeadline?.cancel()
+        reattachDeadline = nil
         lastUpstreamUse = .now()
+        // Read the upstream only while the guest takes what it sends (the guest may have
+        // stopped reading before the upstream was let go).
+        channel.setOption(.autoRead, value: guest.isWritable).whenFailure { _ in }
         if !output.upstream.isEmpty {
             let total = Self.writeCoalesced(output.upstream, to: channel)
             shared.metrics.bytesUpstream.increment(by: Int64(total))
@@ -772,6 +836,8 @@ final class Session {
         http2 = nil
         headDeadline?.cancel()
         detachTimer?.cancel()
+        reattachDeadline?.cancel()
+        pendingUpstream?.close(promise: nil)
         upstream?.close(promise: nil)
         if let answer = blockAnswer {
             blockAnswer = nil
@@ -924,6 +990,8 @@ final class Session {
         finished = true
         headDeadline?.cancel()
         detachTimer?.cancel()
+        reattachDeadline?.cancel()
+        pendingUpstream?.close(promise: nil)
         if !(betweenRequests && poolUpstream()) { upstream?.close(promise: nil) }
     }
 

@@ -116,16 +116,19 @@ final class PooledIdleHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
 
     private let pool: UpstreamPool
+    private let deadline: NIODeadline
     private var timer: Scheduled<Void>?
 
-    init(pool: UpstreamPool) {
+    /// `deadline`: when the connection has been idle for the pool's idle timeout.
+    init(pool: UpstreamPool, deadline: NIODeadline) {
         self.pool = pool
+        self.deadline = deadline
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
         let channel = context.channel
         let pool = self.pool
-        timer = context.eventLoop.scheduleTask(in: pool.idleTimeout) {
+        timer = context.eventLoop.scheduleTask(deadline: deadline) {
             pool.remove(channel)
             channel.close(promise: nil)
         }

@@ -60,20 +60,20 @@ struct UpstreamPoolTests {
         let pool = UpstreamPool(idleTimeout: .seconds(2))
         // It speaks: nothing was asked, so it is closed.
         let speaker = try connected(loop)
-        try speaker.pipeline.syncOperations.addHandler(PooledIdleHandler(pool: pool))
+        try speaker.pipeline.syncOperations.addHandler(PooledIdleHandler(pool: pool, deadline: loop.now + .seconds(2)))
         _ = pool.put(entry(speaker), to: destination)
         try speaker.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
         #expect(pool.count == 0)
         #expect(!speaker.isActive)
         // It closes.
         let closer = try connected(loop)
-        try closer.pipeline.syncOperations.addHandler(PooledIdleHandler(pool: pool))
+        try closer.pipeline.syncOperations.addHandler(PooledIdleHandler(pool: pool, deadline: loop.now + .seconds(2)))
         _ = pool.put(entry(closer), to: destination)
         closer.pipeline.fireChannelInactive()
         #expect(pool.count == 0)
         // It idles past the timeout.
         let idle = try connected(loop)
-        try idle.pipeline.syncOperations.addHandler(PooledIdleHandler(pool: pool))
+        try idle.pipeline.syncOperations.addHandler(PooledIdleHandler(pool: pool, deadline: loop.now + .seconds(2)))
         _ = pool.put(entry(idle), to: destination)
         loop.advanceTime(by: .seconds(1))
         #expect(pool.count == 1)
