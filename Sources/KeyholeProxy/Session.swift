@@ -92,17 +92,21 @@ final class Session {
 
     // MARK: Setup
 
+    /// TCP to the upstream, on the guest's event loop, marked so the proxy's own rules let it out.
+    private func upstreamBootstrap() -> ClientBootstrap {
+        let bootstrap = ClientBootstrap(group: guest.eventLoop)
+            .connectTimeout(shared.configuration.connectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        guard let mark = shared.configuration.upstreamMark else { return bootstrap }
+        return bootstrap.channelOption(
+            ChannelOptions.Types.SocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(36)),  // SO_MARK
+            value: SocketOptionValue(Int32(bitPattern: mark)))
+    }
+
     /// Connects to the original destination (TCP). Until `setUp` is done, what the upstream
     /// sends is held by an `UpstreamHoldHandler`, which tells `firstFlight` it spoke.
     func connectUpstream(firstFlight: FirstFlightHandler) -> EventLoopFuture<Void> {
-        var bootstrap = ClientBootstrap(group: guest.eventLoop)
-            .connectTimeout(shared.configuration.connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-        if let mark = shared.configuration.upstreamMark {
-            bootstrap = bootstrap.channelOption(
-                ChannelOptions.Types.SocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(36)),  // SO_MARK
-                value: SocketOptionValue(Int32(bitPattern: mark)))
-        }
+        var bootstrap = upstreamBootstrap()
         let loopFirstFlight = NIOLoopBound(firstFlight, eventLoop: guest.eventLoop)
         let loopSelf = NIOLoopBound(self, eventLoop: guest.eventLoop)
         bootstrap = bootstrap.channelInitializer { channel in
@@ -510,15 +514,7 @@ final class Session {
                 detail: "reconnecting an idle connection's upstream: its held requests were not sent")
             session.abort()
         }
-        var bootstrap = ClientBootstrap(group: loop)
-            .connectTimeout(shared.configuration.connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-        if let mark = shared.configuration.upstreamMark {
-            bootstrap = bootstrap.channelOption(
-                ChannelOptions.Types.SocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(36)),  // SO_MARK
-                value: SocketOptionValue(Int32(bitPattern: mark)))
-        }
-        bootstrap.connect(to: destination).assumeIsolated().flatMapError { error -> EventLoopFuture<any Channel> in
+        upstreamBootstrap().connect(to: destination).assumeIsolated().flatMapError { error -> EventLoopFuture<any Channel> in
             self.shared.metrics.upstreamConnectFailures.increment()
             self.record(.warn, "upstream-connect-failed", detail: "\(error)")
             return loop.makeFailedFuture(error)
