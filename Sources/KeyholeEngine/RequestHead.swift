@@ -81,14 +81,15 @@ struct RequestHead {
         // connection: a small one keeps an idle connection small).
         if lineEnds.isEmpty { lineEnds = [UInt32](repeating: 0, count: Self.typicalLines) }
         var offending = 0
-        var result = lineEnds.withUnsafeMutableBufferPointer { ends in
-            keyhole_head_lines(b.baseAddress!.assumingMemoryBound(to: UInt8.self), b.count, ends.baseAddress!, ends.count, &offending)
-        }
-        if result == -5, lineEnds.count < Self.maxLines {
-            lineEnds = [UInt32](repeating: 0, count: Self.maxLines)
-            result = lineEnds.withUnsafeMutableBufferPointer { ends in
+        func scan() -> Int {
+            lineEnds.withUnsafeMutableBufferPointer { ends in
                 keyhole_head_lines(b.baseAddress!.assumingMemoryBound(to: UInt8.self), b.count, ends.baseAddress!, ends.count, &offending)
             }
+        }
+        var result = scan()
+        if result == -5, lineEnds.count < Self.maxLines {
+            lineEnds = [UInt32](repeating: 0, count: Self.maxLines)
+            result = scan()
         }
         switch result {
         case -1: return .error(.bareLF)

@@ -430,7 +430,8 @@ public final class ResponseMasker {
         let request = front
         let status = head.status
         if status >= 100 && status < 200 && status != 101 { return }  // interim: the final response follows
-        if head.close || request.http10 || outstandingResponses == 0 { upstreamReusable = false }
+        // (An HTTP/1.0 request already made the connection unreusable in `expect`.)
+        if head.close || outstandingResponses == 0 { upstreamReusable = false }
         if request.asksToSwitch {
             if status == 101, !request.isConnect {
                 guard let chosen = head.upgrade.first(where: { request.upgrade.contains($0) }) else {

@@ -140,27 +140,38 @@ final class Session {
                 let entry = shared.upstreamPool.take(
                     to: destination, serverName: name, offersHTTP2: offersHTTP2, generation: policyGeneration, on: loop)
             {
-                do {
-                    let pipeline = entry.channel.pipeline.syncOperations
-                    // Held like a fresh connection's until the pipelines are built; nothing
-                    // was asked yet, so anything it says makes the set-up fail.
-                    let loopSelf = NIOLoopBound(self, eventLoop: loop)
-                    try pipeline.addHandler(UpstreamHoldHandler(onFirstBytes: { loopSelf.value.reusedUpstreamSpoke = true }))
-                    pipeline.removeHandler(try pipeline.handler(type: PooledIdleHandler.self), promise: nil)
-                } catch {
-                    entry.channel.close(promise: nil)
+                // Held like a fresh connection's until the pipelines are built; nothing was
+                // asked yet, so anything it says makes the set-up fail.
+                let loopSelf = NIOLoopBound(self, eventLoop: loop)
+                guard adopt(entry, with: UpstreamHoldHandler(onFirstBytes: { loopSelf.value.reusedUpstreamSpoke = true })) else {
                     return connectUpstream(firstFlight: firstFlight)
                 }
                 upstream = entry.channel
                 verifiedName = entry.serverName
                 upstreamProtocol = entry.applicationProtocol
-                upstreamOfferedHTTP2 = entry.offeredHTTP2
                 reusedUpstream = true
-                shared.metrics.upstreamReused.increment()
                 return loop.makeSucceededVoidFuture()
             }
         }
         return connectUpstream(firstFlight: firstFlight)
+    }
+
+    /// Takes a connection out of the pool's hands: `handler` replaces its `PooledIdleHandler`
+    /// (looked up first, so a failure leaves the pipeline as it was). False (the connection
+    /// closed) when the pipeline is not what the pool left.
+    private func adopt(_ entry: UpstreamPool.Entry, with handler: any ChannelHandler) -> Bool {
+        let pipeline = entry.channel.pipeline.syncOperations
+        do {
+            let idle = try pipeline.handler(type: PooledIdleHandler.self)
+            try pipeline.addHandler(handler)
+            pipeline.removeHandler(idle, promise: nil)
+        } catch {
+            entry.channel.close(promise: nil)
+            return false
+        }
+        upstreamOfferedHTTP2 = entry.offeredHTTP2
+        shared.metrics.upstreamReused.increment()
+        return true
     }
 
     /// Builds the rest of both pipelines for `kind` (the upstream is connected).
@@ -474,18 +485,10 @@ final class Session {
         reattaching = true
         updateGuestReading()
         let loop = guest.eventLoop
-        if let entry = shared.upstreamPool.take(to: destination, serverName: serverName, offersHTTP2: nil, generation: policyGeneration, on: loop) {
-            do {
-                let pipeline = entry.channel.pipeline.syncOperations
-                let idle = try pipeline.handler(type: PooledIdleHandler.self)
-                try pipeline.addHandler(UpstreamSideHandler(session: self))
-                pipeline.removeHandler(idle, promise: nil)
-                shared.metrics.upstreamReused.increment()
-                upstreamOfferedHTTP2 = entry.offeredHTTP2
-                return reattached(entry.channel)
-            } catch {
-                entry.channel.close(promise: nil)
-            }
+        if let entry = shared.upstreamPool.take(to: destination, serverName: serverName, offersHTTP2: nil, generation: policyGeneration, on: loop),
+            adopt(entry, with: UpstreamSideHandler(session: self))
+        {
+            return reattached(entry.channel)
         }
         // A new connection is held to what a new guest connection would be: egress now, and
         // the name's DNS pin still within its TTL (the held bytes may carry real values that
@@ -565,11 +568,7 @@ final class Session {
         // Read the upstream only while the guest takes what it sends (the guest may have
         // stopped reading before the upstream was let go).
         channel.setOption(.autoRead, value: guest.isWritable).whenFailure { _ in }
-        if !output.upstream.isEmpty {
-            let total = Self.writeCoalesced(output.upstream, to: channel)
-            shared.metrics.bytesUpstream.increment(by: Int64(total))
-            output.upstream.removeAll(keepingCapacity: true)
-        }
+        if !output.upstream.isEmpty { writeOutput(to: channel) }
         updateGuestReading()
     }
 
@@ -633,8 +632,7 @@ final class Session {
     private func closeAfterResponse(_ written: EventLoopFuture<Void>) {
         guard !finished else { return }
         finished = true
-        headDeadline?.cancel()
-        detachTimer?.cancel()
+        stopPendingWork()
         if !poolUpstream() { upstream?.close(promise: nil) }
         written.assumeIsolated().whenComplete { [guest] _ in guest.close(promise: nil) }
     }
@@ -696,6 +694,14 @@ final class Session {
         guest.setOption(.autoRead, value: upstreamWritable && !deciding).whenFailure { _ in }
     }
 
+    /// What the engine produced for the upstream, written (joined into records) and counted.
+    private func writeOutput(to upstream: any Channel) {
+        let total = Self.writeCoalesced(output.upstream, to: upstream)
+        shared.metrics.bytesUpstream.increment(by: Int64(total))
+        output.upstream.removeAll(keepingCapacity: true)
+        lastUpstreamUse = .now()
+    }
+
     private func deliver(_ rewriter: RequestRewriter) {
         guard upstream != nil || detached else { return }
         if !output.expectedResponses.isEmpty {
@@ -708,10 +714,7 @@ final class Session {
         }
         if !output.upstream.isEmpty {
             if let upstream {
-                let total = Self.writeCoalesced(output.upstream, to: upstream)
-                shared.metrics.bytesUpstream.increment(by: Int64(total))
-                output.upstream.removeAll(keepingCapacity: true)
-                lastUpstreamUse = .now()
+                writeOutput(to: upstream)
             } else {
                 // Detached: held (in order) until an upstream connection is back.
                 reattach()
@@ -824,16 +827,22 @@ final class Session {
         abort()
     }
 
+    /// The session ends: its timers stop, and a reattach's connection still being verified
+    /// is closed.
+    private func stopPendingWork() {
+        headDeadline?.cancel()
+        detachTimer?.cancel()
+        reattachDeadline?.cancel()
+        pendingUpstream?.close(promise: nil)
+    }
+
     /// A violation or broken framing: reset the guest (or, with `block_response: http`,
     /// answer the blocked request and close), drop the upstream.
     func abort() {
         guard !finished else { return }
         finished = true
         http2 = nil
-        headDeadline?.cancel()
-        detachTimer?.cancel()
-        reattachDeadline?.cancel()
-        pendingUpstream?.close(promise: nil)
+        stopPendingWork()
         upstream?.close(promise: nil)
         if let answer = blockAnswer {
             blockAnswer = nil
@@ -984,10 +993,7 @@ final class Session {
             if finished { return }
         }
         finished = true
-        headDeadline?.cancel()
-        detachTimer?.cancel()
-        reattachDeadline?.cancel()
-        pendingUpstream?.close(promise: nil)
+        stopPendingWork()
         if !(betweenRequests && poolUpstream()) { upstream?.close(promise: nil) }
     }
 

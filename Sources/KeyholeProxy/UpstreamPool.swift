@@ -79,11 +79,11 @@ final class UpstreamPool: Sendable {
             var total = entries.values.reduce(0) { $0 + $1.count }
             while total > maxTotal {
                 // The oldest connection anywhere.
-                guard let (key, index) = entries.flatMap({ key, list in list.indices.map { (key, $0, list[$0].since) } })
-                    .min(by: { $0.2 < $1.2 }).map({ ($0.0, $0.1) })
-                else { break }
-                evicted.append(entries[key]!.remove(at: index).channel)
-                if entries[key]!.isEmpty { entries[key] = nil }
+                let idle = entries.flatMap { key, list in list.map { (key: key, entry: $0) } }
+                guard let oldest = idle.min(by: { $0.entry.since < $1.entry.since }) else { break }
+                evicted.append(oldest.entry.channel)
+                let kept = entries[oldest.key]!.filter { $0.channel !== oldest.entry.channel }
+                entries[oldest.key] = kept.isEmpty ? nil : kept
                 total -= 1
             }
             return evicted
