@@ -73,6 +73,9 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds a started request head may take to complete (slowloris defence).", valueName: "s"))
     var headTimeout: Double = 30
 
+    @Option(help: ArgumentHelp("Seconds a guest connection may stay open with nothing sent either way before it is reset.", valueName: "s"))
+    var idleTimeout: Double = 300
+
     @Option(
         help: ArgumentHelp(
             "Seconds a verified upstream TLS connection is kept idle for the guest's next connection to the same name and address (0: no pooling).",
@@ -114,6 +117,7 @@ struct ProxyCommand: AsyncParsableCommand {
         }
         if firstFlightTimeout <= 0 { throw ValidationError("--first-flight-timeout must be positive") }
         if headTimeout <= 0 { throw ValidationError("--head-timeout must be positive") }
+        if idleTimeout <= 0 || idleTimeout > 86400 { throw ValidationError("--idle-timeout must be more than 0 and at most 86400 seconds") }
         if let threads, !(1...256).contains(threads) { throw ValidationError("--threads must be 1 to 256") }
         if upstreamDetachAfter < 0 || upstreamDetachAfter > 3600 { throw ValidationError("--upstream-detach-after must be 0 to 3600 seconds") }
         if upstreamIdleTimeout < 0 || upstreamIdleTimeout > 3600 { throw ValidationError("--upstream-idle-timeout must be 0 to 3600 seconds") }
@@ -249,6 +253,7 @@ struct ProxyCommand: AsyncParsableCommand {
             listen: try Self.parseAddress(listen), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
             firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)),
             headTimeout: .milliseconds(Int64(headTimeout * 1000)))
+        configuration.idleTimeout = .milliseconds(Int64(idleTimeout * 1000))
         configuration.upstreamIdleTimeout = .milliseconds(Int64(upstreamIdleTimeout * 1000))
         configuration.upstreamDetachAfter = .milliseconds(Int64(upstreamDetachAfter * 1000))
         if let threads { configuration.threads = threads }
@@ -274,7 +279,7 @@ struct ProxyCommand: AsyncParsableCommand {
             let settings = GuardSettings(
                 proxyPort: proxyPort + UInt16(index), queueNumber: queueNum + UInt16(index), upstreamMark: upstreamMark == 0 ? nil : upstreamMark,
                 firstFlightTimeout: .milliseconds(Int64(firstFlightTimeout * 1000)), headTimeout: .milliseconds(Int64(headTimeout * 1000)),
-                stateDirectory: state.resolved, upstreamIdleTimeout: .milliseconds(Int64(upstreamIdleTimeout * 1000)),
+                stateDirectory: state.resolved, idleTimeout: .milliseconds(Int64(idleTimeout * 1000)), upstreamIdleTimeout: .milliseconds(Int64(upstreamIdleTimeout * 1000)),
                 upstreamDetachAfter: .milliseconds(Int64(upstreamDetachAfter * 1000)),
                 threads: threads ?? ProxyConfiguration.usableCores)
             do {

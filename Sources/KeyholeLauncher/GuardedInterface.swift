@@ -15,6 +15,8 @@ public struct GuardSettings: Sendable {
     public var headTimeout: TimeAmount
     /// Where the appliance records what it installed (so a run after a crash can undo it).
     public var stateDirectory: String?
+    /// How long a guest connection may stay open with nothing sent either way.
+    public var idleTimeout: TimeAmount
     /// How long a verified upstream connection waits in the pool (zero: no pooling).
     public var upstreamIdleTimeout: TimeAmount
     /// How long a quiet guest connection keeps its upstream connection (zero: for good).
@@ -25,10 +27,11 @@ public struct GuardSettings: Sendable {
     public init(
         proxyPort: UInt16 = 15001, queueNumber: UInt16 = 4242, upstreamMark: UInt32? = 0x4B48,
         firstFlightTimeout: TimeAmount = .seconds(5), headTimeout: TimeAmount = .seconds(30), stateDirectory: String? = nil,
-        upstreamIdleTimeout: TimeAmount = .seconds(1), upstreamDetachAfter: TimeAmount = .seconds(2),
+        idleTimeout: TimeAmount = .minutes(5), upstreamIdleTimeout: TimeAmount = .seconds(1), upstreamDetachAfter: TimeAmount = .seconds(2),
         threads: Int = ProxyConfiguration.usableCores
     ) {
         self.upstreamDetachAfter = upstreamDetachAfter
+        self.idleTimeout = idleTimeout
         self.threads = threads
         self.stateDirectory = stateDirectory
         self.upstreamIdleTimeout = upstreamIdleTimeout
@@ -81,6 +84,7 @@ public final class GuardedInterface: Sendable {
             listen: try SocketAddress(ipAddress: "0.0.0.0", port: Int(settings.proxyPort)), upstreamMark: settings.upstreamMark,
             firstFlightTimeout: settings.firstFlightTimeout, headTimeout: settings.headTimeout)
         configuration.alsoIPv6 = true
+        configuration.idleTimeout = settings.idleTimeout
         configuration.upstreamIdleTimeout = settings.upstreamIdleTimeout
         configuration.upstreamDetachAfter = settings.upstreamDetachAfter
         configuration.threads = settings.threads

@@ -108,14 +108,19 @@ public final class ProxyMetrics: Sendable {
     private let substitutionCounters = Mutex<[String: Counter]>([:])
 
     func substitution(secret: String, site: String) {
-        let counter = substitutionCounters.withLock { counters in
+        substitutionCounter(secret: secret, site: site).increment()
+    }
+
+    /// The counter of one secret's substitutions at one site (a session keeps the last it
+    /// used, so a keep-alive connection does not look it up again for every request).
+    func substitutionCounter(secret: String, site: String) -> Counter {
+        substitutionCounters.withLock { counters in
             let key = secret + "\u{0}" + site
             if let existing = counters[key] { return existing }
             let made = Counter(label: "keyhole_substitutions_total", dimensions: labels + [("secret", secret), ("site", site)], factory: factory)
             counters[key] = made
             return made
         }
-        counter.increment()
     }
 
     private let maskingCounters = Mutex<[String: Counter]>([:])

@@ -30,10 +30,6 @@ final class GuestSideHandler: ChannelInboundHandler {
     private var handshakeDone = false
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is IdleStateHandler.IdleStateEvent {
-            session.abort()
-            return
-        }
         if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls { handshakeDone = true }
         context.fireUserInboundEventTriggered(event)
     }

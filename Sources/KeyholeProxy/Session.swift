@@ -63,6 +63,11 @@ final class Session {
     /// When the upstream was last written to or read from (for `detachIfIdle`).
     @exclusivity(unchecked) var lastUpstreamUse = NIODeadline.now()
     var detachTimer: Scheduled<Void>?
+    /// When the guest or the upstream last sent bytes (for the idle timeout).
+    @exclusivity(unchecked) var lastActivity = NIODeadline.now()
+    var idleTimer: Scheduled<Void>?
+    /// The counter of the last substitution counted (the next is most likely the same).
+    var substitutionCounter: (secret: String, site: Site, counter: Counter)?
     /// A reattach's new connection until it is verified (closed if the session ends first).
     var pendingUpstream: (any Channel)?
     var reattachDeadline: Scheduled<Void>?
@@ -316,7 +321,8 @@ final class Session {
                 upstreamPipeline.removeHandler(watcher, promise: nil)
             }
             try upstreamPipeline.addHandler(UpstreamSideHandler(session: self))
-            try guestPipeline.addHandler(IdleStateHandler(allTimeout: shared.configuration.idleTimeout), position: .first)
+            lastActivity = .now()
+            armIdleTimer()
             // What the upstream sent meanwhile (a banner) goes on to the guest now.
             let hold = try upstreamPipeline.handler(type: UpstreamHoldHandler.self)
             hold.release()
@@ -407,6 +413,7 @@ final class Session {
 
     func fromGuest(_ buffer: ByteBuffer) {
         guard !finished else { return }
+        lastActivity = .now()
         guard let rewriter else {
             guard let upstream else { return }
             // TLS bypass: relay untouched.
@@ -441,6 +448,8 @@ final class Session {
 
     func fromUpstream(_ buffer: ByteBuffer) {
         guard !finished else { return }
+        let now = NIODeadline.now()
+        lastActivity = now
         guard let masker else {
             // Opaque flows and TLS bypass: relayed as they are.
             shared.metrics.bytesDownstream.increment(by: Int64(buffer.readableBytes))
@@ -449,8 +458,30 @@ final class Session {
         }
         masker.consume(buffer, into: &maskOutput)
         deliverToGuest()
-        lastUpstreamUse = .now()
+        lastUpstreamUse = now
         if detachTimer == nil, !finished { armDetachTimer() }
+    }
+
+    // MARK: Idle connections
+
+    /// A connection on which neither side sent anything for `idleTimeout` is reset. One
+    /// timer per session, re-armed only when it fires early (a busy connection pays a clock
+    /// read per read, not a timer, a promise and a callback per write as NIO's
+    /// `IdleStateHandler` does).
+    private func armIdleTimer() {
+        let timeout = shared.configuration.idleTimeout
+        guard timeout > .zero, !finished else { return }
+        let loopSelf = NIOLoopBound(self, eventLoop: guest.eventLoop)
+        idleTimer = guest.eventLoop.scheduleTask(deadline: lastActivity + timeout) {
+            let session = loopSelf.value
+            session.idleTimer = nil
+            guard !session.finished else { return }
+            if NIODeadline.now() < session.lastActivity + timeout {
+                session.armIdleTimer()
+            } else {
+                session.abort()
+            }
+        }
     }
 
     // MARK: Idle upstream
@@ -740,7 +771,13 @@ final class Session {
         switch event {
         case .substituted(let secret, let site, let request):
             masker?.activate()
-            shared.metrics.substitution(secret: secret, site: site.rawValue)
+            if let cached = substitutionCounter, cached.secret == secret, cached.site == site {
+                cached.counter.increment()
+            } else {
+                let counter = shared.metrics.substitutionCounter(secret: secret, site: site.rawValue)
+                counter.increment()
+                substitutionCounter = (secret, site, counter)
+            }
             shared.audit.write(
                 AuditRecord(
                     level: .info, event: "substituted", sandbox: policy.name, connection: id, secret: secret, site: site.rawValue,
@@ -832,6 +869,7 @@ final class Session {
     private func stopPendingWork() {
         headDeadline?.cancel()
         detachTimer?.cancel()
+        idleTimer?.cancel()
         reattachDeadline?.cancel()
         pendingUpstream?.close(promise: nil)
     }
@@ -978,13 +1016,14 @@ final class Session {
     /// the guest is left alone.
     func discardUpstream() {
         finished = true
-        headDeadline?.cancel()
+        stopPendingWork()
         upstream?.close(promise: nil)
         upstream = nil
     }
 
     func guestClosed() {
-        guard !finished else { return }
+        // Whatever ended the session, its timers do not outlive the guest's connection.
+        guard !finished else { return stopPendingWork() }
         // Only a guest that left between requests leaves a connection worth pooling.
         let betweenRequests = rewriter?.betweenRequests ?? false
         if let rewriter {
@@ -1006,6 +1045,7 @@ final class Session {
             if finished { return }
         }
         finished = true
+        stopPendingWork()
         guest.close(promise: nil)
     }
 }

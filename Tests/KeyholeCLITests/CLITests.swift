@@ -326,6 +326,7 @@ struct ProxyUsageTests {
         (["proxy", "--policy", "p.yaml"], "--interface IFACE"),
         (["proxy", "--policy", "p.yaml", "--interface", "bad name"], "may contain only"),
         (["proxy", "--policy", "p.yaml", "--listen", "127.0.0.1:1", "--pin", "nonsense"], "must be NAME=IP"),
+        (["proxy", "--policy", "p.yaml", "--listen", "127.0.0.1:1", "--idle-timeout", "0"], "--idle-timeout must be more than 0"),
     ])
     func usageErrorsExitTwo(_ arguments: [String], _ message: String) throws {
         let run = try CLI.run(arguments)

@@ -231,6 +231,46 @@ struct ProxyEndToEndTests {
         #expect(harness.records(log).isEmpty)
     }
 
+    @Test func aConnectionQuietForTheIdleTimeoutIsResetAndABusyOneIsNot() throws {
+        let harness = try ProxyHarness()
+        defer { harness.close() }
+        let log = try harness.upstream("203.0.113.10", port: 80, cert: nil)
+        try harness.startProxy(policy: Self.policy, extra: ["--idle-timeout", "1"])
+        // Two keep-alive connections at once: one asks every 0.4 s for 3 s (more than the
+        // timeout in all, never quiet for it), the other asks once and then waits.
+        let result = try harness.guest(
+            """
+            python3 - <<'EOF'
+            import http.client, threading, time
+            def busy():
+                c = http.client.HTTPConnection('203.0.113.10', 80, timeout=10)
+                for i in range(8):
+                    c.request('GET', '/busy%d' % i, headers={'Host': 'api.example.test'})
+                    assert c.getresponse().read() == b'ok\\n'
+                    time.sleep(0.4)
+                print('busy ok')
+            t = threading.Thread(target=busy); t.start()
+            c = http.client.HTTPConnection('203.0.113.10', 80, timeout=10)
+            c.request('GET', '/quiet', headers={'Host': 'api.example.test'})
+            assert c.getresponse().read() == b'ok\\n'
+            start = time.time()
+            try:
+                got = c.sock.recv(10)
+                print('quiet closed after %.1f s' % (time.time() - start), got)
+            except ConnectionResetError:
+                print('quiet closed after %.1f s (reset)' % (time.time() - start))
+            except TimeoutError:
+                print('quiet still open')
+            t.join()
+            EOF
+            """)
+        #expect(result.stdout.contains("busy ok"), "\(result.stdout)\(result.stderr)")
+        let closed = result.stdout.split(separator: "\n").first { $0.hasPrefix("quiet closed after ") }
+        let seconds = closed.flatMap { Double($0.dropFirst("quiet closed after ".count).prefix { $0 != " " }) }
+        #expect(seconds.map { $0 >= 0.8 && $0 < 3 } == true, "\(result.stdout)")
+        #expect(harness.records(log).count == 9)
+    }
+
     @Test func blockAndTerminateStopsTheProxyWithStatusFour() throws {
         let harness = try ProxyHarness()
         defer { harness.close() }
