@@ -64,14 +64,21 @@ public struct AuditRecord: Sendable {
     /// Appends the JSON object and a newline to `out`: one buffer, no intermediate strings
     /// (this runs for every substitution, on the proxy's event loops).
     func appendJSONLine(to out: inout [UInt8], time: Date) {
+        var cache = TimestampCache()
+        appendJSONLine(to: &out, time: time, cache: &cache)
+    }
+
+    /// The same, reusing the date and time of day formatted for an earlier record in the
+    /// same second.
+    func appendJSONLine(to out: inout [UInt8], time: Date, cache: inout TimestampCache) {
         out.reserveCapacity(out.count + 256)
         out.append(UInt8(ascii: "{"))
         Self.appendKey("time", to: &out, first: true)
-        Self.appendTimestamp(time, to: &out)
+        Self.appendTimestamp(time, to: &out, cache: &cache)
         Self.appendField("level", level.rawValue, to: &out)
         Self.appendField("sandbox", sandbox, to: &out)
         Self.appendKey("connection", to: &out, first: false)
-        out += String(connection).utf8
+        Self.appendDecimal(connection, to: &out)
         Self.appendField("event", event, to: &out)
         // One call per field (no array of pairs to allocate for every record).
         func optional(_ key: StaticString, _ value: String?) {
@@ -109,24 +116,37 @@ public struct AuditRecord: Sendable {
         appendQuoted(value, to: &out)
     }
 
-    /// RFC 3339 UTC with milliseconds (`2026-11-23T02:44:10.123Z`), from `gmtime_r`.
-    static func appendTimestamp(_ date: Date, to out: inout [UInt8]) {
+    /// The date and time of day of one second, formatted (`2026-11-23T02:44:10`).
+    struct TimestampCache {
+        var second = Int64.min
+        var text: [UInt8] = []
+    }
+
+    /// RFC 3339 UTC with milliseconds (`2026-11-23T02:44:10.123Z`), from `gmtime_r` (once a
+    /// second with `cache`).
+    static func appendTimestamp(_ date: Date, to out: inout [UInt8], cache: inout TimestampCache) {
         let total = Int64((date.timeIntervalSince1970 * 1000).rounded(.down))
-        var seconds = time_t(total.quotientAndRemainder(dividingBy: 1000).quotient - (total < 0 && total % 1000 != 0 ? 1 : 0))
-        let millis = Int(total - Int64(seconds) * 1000)
-        var parts = tm()
-        gmtime_r(&seconds, &parts)
-        func two(_ value: Int32) {
-            out.append(UInt8(48 + value / 10))
-            out.append(UInt8(48 + value % 10))
+        let second = total.quotientAndRemainder(dividingBy: 1000).quotient - (total < 0 && total % 1000 != 0 ? 1 : 0)
+        let millis = Int(total - second * 1000)
+        if cache.second != second {
+            var seconds = time_t(second)
+            var parts = tm()
+            gmtime_r(&seconds, &parts)
+            var text: [UInt8] = []
+            func two(_ value: Int32) {
+                text.append(UInt8(48 + value / 10))
+                text.append(UInt8(48 + value % 10))
+            }
+            text += String(1900 + parts.tm_year).utf8
+            text.append(UInt8(ascii: "-")); two(parts.tm_mon + 1)
+            text.append(UInt8(ascii: "-")); two(parts.tm_mday)
+            text.append(UInt8(ascii: "T")); two(parts.tm_hour)
+            text.append(UInt8(ascii: ":")); two(parts.tm_min)
+            text.append(UInt8(ascii: ":")); two(parts.tm_sec)
+            cache = TimestampCache(second: second, text: text)
         }
         out.append(UInt8(ascii: "\""))
-        out += String(1900 + parts.tm_year).utf8
-        out.append(UInt8(ascii: "-")); two(parts.tm_mon + 1)
-        out.append(UInt8(ascii: "-")); two(parts.tm_mday)
-        out.append(UInt8(ascii: "T")); two(parts.tm_hour)
-        out.append(UInt8(ascii: ":")); two(parts.tm_min)
-        out.append(UInt8(ascii: ":")); two(parts.tm_sec)
+        out += cache.text
         out.append(UInt8(ascii: "."))
         out.append(UInt8(48 + millis / 100))
         out.append(UInt8(48 + (millis / 10) % 10))
@@ -136,8 +156,21 @@ public struct AuditRecord: Sendable {
 
     static func timestamp(_ date: Date) -> String {
         var out: [UInt8] = []
-        appendTimestamp(date, to: &out)
+        var cache = TimestampCache()
+        appendTimestamp(date, to: &out, cache: &cache)
         return String(decoding: out.dropFirst().dropLast(), as: UTF8.self)
+    }
+
+    static func appendDecimal(_ value: UInt64, to out: inout [UInt8]) {
+        var digits: (UInt64, Int) = (1, 1)
+        while digits.0 <= value / 10 { digits = (digits.0 * 10, digits.1 + 1) }
+        var rest = value
+        var unit = digits.0
+        while unit > 0 {
+            out.append(UInt8(48 + rest / unit))
+            rest %= unit
+            unit /= 10
+        }
     }
 
     /// A JSON string literal for `value` (quotes, backslashes and control characters escaped).
@@ -149,9 +182,13 @@ public struct AuditRecord: Sendable {
 
     static func appendQuoted(_ value: String, to out: inout [UInt8]) {
         out.append(UInt8(ascii: "\""))
-        let plain = value.utf8.allSatisfy { $0 >= 0x20 && $0 != 0x7F && $0 != UInt8(ascii: "\"") && $0 != UInt8(ascii: "\\") }
-        if plain {
-            out += value.utf8
+        // Native strings are contiguous UTF-8: one pass to check, one copy.
+        let copied: Bool? = value.utf8.withContiguousStorageIfAvailable { bytes in
+            for byte in bytes where byte < 0x20 || byte == 0x7F || byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") { return false }
+            out.append(contentsOf: bytes)
+            return true
+        }
+        if copied == true {
             out.append(UInt8(ascii: "\""))
             return
         }
@@ -196,6 +233,7 @@ public final class AuditLog: Sendable {
         var fd: Int32
         var bytes: [UInt8] = []
         var flushScheduled = false
+        var timestamps = AuditRecord.TimestampCache()
     }
     private let state: Mutex<State>
     private let observers = Mutex<[@Sendable (AuditRecord) -> Void]>([])
@@ -249,7 +287,7 @@ public final class AuditLog: Sendable {
             // batch, written out after the loop's current work.
             let time = Date()
             let schedule: Bool = state.withLock { state in
-                record.appendJSONLine(to: &state.bytes, time: time)
+                record.appendJSONLine(to: &state.bytes, time: time, cache: &state.timestamps)
                 guard state.bytes.count < Self.batchLimit else {
                     Self.writeOut(&state)
                     return false

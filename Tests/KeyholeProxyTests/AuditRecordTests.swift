@@ -26,6 +26,27 @@ struct AuditRecordTests {
         #expect(AuditRecord.timestamp(Date(timeIntervalSince1970: 0)) == "1970-01-01T00:00:00.000Z")
         #expect(AuditRecord.timestamp(Date(timeIntervalSince1970: 1_000_000_000.999)) == "2001-09-09T01:46:40.999Z")
     }
+
+    @Test func aCachedSecondIsReusedOnlyWithinThatSecond() {
+        // One cache across records, as the audit log keeps it: each line must still carry
+        // its own second and milliseconds.
+        var cache = AuditRecord.TimestampCache()
+        let times = [1_795_000_000.1, 1_795_000_000.9, 1_795_000_001.0, 1_795_000_000.5, 1_795_003_600.25, -0.5]
+        for t in times {
+            var cached: [UInt8] = []
+            AuditRecord.appendTimestamp(Date(timeIntervalSince1970: t), to: &cached, cache: &cache)
+            let expected = "\"" + ISO8601DateFormatter.string(
+                from: Date(timeIntervalSince1970: t), timeZone: .gmt, formatOptions: [.withInternetDateTime, .withFractionalSeconds]) + "\""
+            #expect(String(decoding: cached, as: UTF8.self) == expected, "\(t)")
+        }
+    }
+
+    @Test func connectionNumbersAreWrittenInDecimal() throws {
+        for n: UInt64 in [0, 7, 9, 10, 99, 100, 4_294_967_296, UInt64.max] {
+            let line = AuditRecord(level: .info, event: "e", sandbox: "s", connection: n).jsonLine()
+            #expect(line.contains("\"connection\":\(n),"), "\(line)")
+        }
+    }
 }
 
 /// `--audit-log syslog`: one RFC 3164 datagram per record to the syslog socket.
