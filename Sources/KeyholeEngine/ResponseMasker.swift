@@ -149,7 +149,7 @@ public final class ResponseMasker {
 
     /// From now on values are looked for (a substitution happened on this connection).
     public func activate() {
-        if !matcher.isEmpty { masking = true }
+        if !masking && !matcher.isEmpty { masking = true }
     }
 
     /// A request went upstream; its response comes after those of earlier requests.
@@ -360,18 +360,18 @@ public final class ResponseMasker {
             headBytes += piece.readableBytesView
             return
         }
-        let head: [UInt8]
+        // The head as it came (a slice of the upstream's bytes: not copied unless it must
+        // change, or arrived in pieces).
         let original: ByteBuffer
         if headBytes.isEmpty {
-            head = Array(piece.readableBytesView)
             original = piece
         } else {
-            head = headBytes + piece.readableBytesView
-            original = ByteBuffer(bytes: head)
+            headBytes += piece.readableBytesView
+            original = ByteBuffer(bytes: headBytes)
             headBytes = []
         }
-        guard let parsed = ResponseHead(head) else {
-            return fail(.malformedHead, String(decoding: head.prefix(40), as: UTF8.self).debugDescription, &output)
+        guard let parsed = original.withUnsafeReadableBytes({ ResponseHead($0) }) else {
+            return fail(.malformedHead, String(decoding: original.readableBytesView.prefix(40), as: UTF8.self).debugDescription, &output)
         }
         // The final response to a request whose `Connection: close` Keyhole kept from the
         // upstream tells the guest that the connection closes.
@@ -380,50 +380,53 @@ public final class ResponseMasker {
         decideFraming(parsed, &output)
         if case .failed = state { return }
         if decoder != nil || sayClose {
+            let head = Array(original.readableBytesView)
             var rewritten = decoder != nil ? ResponseHead.identityChunked(head) : head
             if sayClose { rewritten = ResponseHead.saying(close: rewritten) }
-            emitHead(rewritten, ByteBuffer(bytes: rewritten), &output)
+            emitHead(ByteBuffer(bytes: rewritten), &output)
         } else {
-            emitHead(head, original, &output)
+            emitHead(original, &output)
         }
     }
 
     /// The head, masked exactly (placeholders replace values).
-    private func emitHead(_ head: [UInt8], _ original: ByteBuffer, _ output: inout MaskOutput) {
-        guard masking else { return output.guest.append(original) }
-        output.scannedBytes += head.count
-        if let masked = maskExact(head, site: .head, &output) {
+    private func emitHead(_ head: ByteBuffer, _ output: inout MaskOutput) {
+        guard masking else { return output.guest.append(head) }
+        output.scannedBytes += head.readableBytes
+        if let masked = head.withUnsafeReadableBytes({ maskExact($0, site: .head, &output) }) {
             output.guest.append(ByteBuffer(bytes: masked))
         } else {
-            output.guest.append(original)
+            output.guest.append(head)
         }
+    }
+
+    private func maskExact(_ bytes: [UInt8], site: MaskSite, _ output: inout MaskOutput) -> [UInt8]? {
+        bytes.withUnsafeBytes { maskExact($0, site: site, &output) }
     }
 
     /// `bytes` with every value replaced by its placeholder (base64 re-encoded in place), or
     /// nil when there is none.
-    private func maskExact(_ bytes: [UInt8], site: MaskSite, _ output: inout MaskOutput) -> [UInt8]? {
+    private func maskExact(_ b: UnsafeRawBufferPointer, site: MaskSite, _ output: inout MaskOutput) -> [UInt8]? {
         var result: [UInt8] = []
         var copied = 0
         var i = 0
-        bytes.withUnsafeBytes { b in
-            while let c = matcher.nextPlausibleCandidate(in: b, from: i, previous: nil) {
-                guard case .match(let secret, let form, let length) = matcher.match(b, at: c, previous: nil, final: true) else {
-                    i = c + 1
-                    continue
-                }
-                result += bytes[copied..<c]
-                if form == .base64 {
-                    result += matcher.maskBase64(Array(bytes[c..<(c + length)]), secret: secret, filler: secrets[secret].placeholder)
-                } else {
-                    result += secrets[secret].placeholder
-                }
-                output.events.append(.masked(secret: secrets[secret].env, site: site, form: form))
-                copied = c + length
-                i = c + length
+        while let c = matcher.nextPlausibleCandidate(in: b, from: i, previous: nil) {
+            guard case .match(let secret, let form, let length) = matcher.match(b, at: c, previous: nil, final: true) else {
+                i = c + 1
+                continue
             }
+            result += b[copied..<c]
+            if form == .base64 {
+                result += matcher.maskBase64(Array(b[c..<(c + length)]), secret: secret, filler: secrets[secret].placeholder)
+            } else {
+                result += secrets[secret].placeholder
+            }
+            output.events.append(.masked(secret: secrets[secret].env, site: site, form: form))
+            copied = c + length
+            i = c + length
         }
         guard copied > 0 else { return nil }
-        return result + bytes[copied...]
+        return result + b[copied...]
     }
 
     private func decideFraming(_ head: ResponseHead, _ output: inout MaskOutput) {
@@ -569,9 +572,8 @@ struct ResponseHead {
     /// `Connection: close`, or an HTTP/1.0 status line: the upstream ends the connection.
     var close = false
 
-    init?(_ bytes: [UInt8]) {
-        let parsed: Bool = bytes.withUnsafeBytes { b in parse(b) }
-        guard parsed else { return nil }
+    init?(_ bytes: UnsafeRawBufferPointer) {
+        guard parse(bytes) else { return nil }
     }
 
     private mutating func parse(_ b: UnsafeRawBufferPointer) -> Bool {

@@ -9,7 +9,7 @@
 ///
 /// Base64 is matched from the first character that carries any bit of the value to the
 /// last that does, so every bit of the value is replaced.
-struct ValueMatcher: StreamMatcher {
+final class ValueMatcher: StreamMatcher {
     /// One base64 encoding of a value: per character, which of its six bits the value
     /// fixes and to what.
     struct Base64Pattern: Sendable {
@@ -96,9 +96,11 @@ struct ValueMatcher: StreamMatcher {
         self.pairClasses = PairClassScanner(buckets)
         // The longest value fully JSON-escaped; base64 is shorter.
         self.lookahead = 6 * longest + 8
+        self.isEmpty = values.allSatisfy { $0.isEmpty }
     }
 
-    var isEmpty: Bool { values.allSatisfy(\.isEmpty) }
+    /// No value to look for (decided once: `activate` asks at every substitution).
+    let isEmpty: Bool
 
     func nextPlausibleCandidate(in bytes: UnsafeRawBufferPointer, from: Int, previous: UInt8?) -> Int? {
         var i = from
