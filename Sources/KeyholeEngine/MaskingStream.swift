@@ -14,6 +14,8 @@ struct MaskingStream {
     var scanned = 0
     /// Content bytes decided and emitted.
     var emitted = 0
+    /// What a drain decided, kept between drains for its capacity (no allocation per response).
+    private var items: [StreamItem] = []
 
     init(matcher: ValueMatcher) {
         scanner = StreamScanner(matcher: matcher, captures: true)
@@ -50,6 +52,11 @@ struct MaskingStream {
 
     mutating func drain(final: Bool, site: MaskSite, secrets: [CompiledSecret], into output: inout MaskOutput) {
         var items: [StreamItem] = []
+        swap(&items, &self.items)
+        defer {
+            items.removeAll(keepingCapacity: true)
+            swap(&items, &self.items)
+        }
         scanner.drain(final: final, into: &items)
         var matched = scanner.takeMatchedBytes()[...]
         for item in items {

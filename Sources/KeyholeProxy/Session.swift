@@ -66,6 +66,9 @@ final class Session {
     /// When the guest or the upstream last sent bytes (for the idle timeout).
     @exclusivity(unchecked) var lastActivity = NIODeadline.now()
     var idleTimer: Scheduled<Void>?
+    /// The buffers small pieces were last joined in, for each direction (`writeCoalesced`).
+    @exclusivity(unchecked) var upstreamJoin: ByteBuffer?
+    @exclusivity(unchecked) var guestJoin: ByteBuffer?
     /// The counter of the last substitution counted (the next is most likely the same).
     var substitutionCounter: (secret: String, site: Site, counter: Counter)?
     /// A reattach's new connection until it is verified (closed if the session ends first).
@@ -503,6 +506,9 @@ final class Session {
                 session.armDetachTimer()
             } else if session.detachIfIdle() {
                 session.detached = true
+                // A quiet connection holds as little as it can.
+                session.upstreamJoin = nil
+                session.guestJoin = nil
             }
         }
     }
@@ -616,7 +622,7 @@ final class Session {
         var written: EventLoopFuture<Void>?
         if !maskOutput.guest.isEmpty {
             let promise = closeDue ? guest.eventLoop.makePromise(of: Void.self) : nil
-            let total = Self.writeCoalesced(maskOutput.guest, to: guest, promise: promise)
+            let total = Self.writeCoalesced(maskOutput.guest, to: guest, promise: promise, reusing: &guestJoin)
             shared.metrics.bytesDownstream.increment(by: Int64(total))
             maskOutput.guest.removeAll(keepingCapacity: true)
             written = promise?.futureResult
@@ -625,8 +631,15 @@ final class Session {
             if closeDue { closeAfterResponse(written ?? guest.eventLoop.makeSucceededVoidFuture()) }
         }
         guard !maskOutput.events.isEmpty else { return }
-        let events = maskOutput.events
-        maskOutput.events.removeAll(keepingCapacity: true)
+        // Taken out (a handler may add more) and given back for its capacity afterwards.
+        var events: [MaskEvent] = []
+        swap(&events, &maskOutput.events)
+        defer {
+            if maskOutput.events.isEmpty {
+                events.removeAll(keepingCapacity: true)
+                swap(&events, &maskOutput.events)
+            }
+        }
         for event in events {
             switch event {
             case .masked(let secret, let site, let form):
@@ -674,7 +687,12 @@ final class Session {
     /// as they are. Returns the bytes written; flushes.
     static let coalesceLimit = 16 * 1024
 
-    static func writeCoalesced(_ pieces: [ByteBuffer], to channel: any Channel, promise: EventLoopPromise<Void>? = nil) -> Int {
+    /// Kept for the next join when it is at most this large (an idle connection holds little).
+    static let joinKeepLimit = 4 * 1024
+
+    static func writeCoalesced(
+        _ pieces: [ByteBuffer], to channel: any Channel, promise: EventLoopPromise<Void>? = nil, reusing scratch: inout ByteBuffer?
+    ) -> Int {
         var total = 0
         guard pieces.count > 1 else {
             for piece in pieces {
@@ -706,10 +724,23 @@ final class Session {
                 write(joined)
                 pending = nil
             }
-            if pending == nil { pending = channel.allocator.buffer(capacity: capacity) }
+            if pending == nil {
+                // The last join, written and flushed before: TLS has copied it into a record
+                // by now, so it is ours alone again and is refilled in place (were it still
+                // held, by a socket that could not take it all, writing copies it first).
+                if var reused = scratch.take() {
+                    reused.clear()
+                    pending = reused
+                } else {
+                    pending = channel.allocator.buffer(capacity: capacity)
+                }
+            }
             pending!.writeImmutableBuffer(piece)
         }
-        if let joined = pending { write(joined) }
+        if let joined = pending {
+            if joined.capacity <= joinKeepLimit { scratch = joined }
+            write(joined)
+        }
         if let last { channel.write(last, promise: promise) }
         channel.flush()
         return total
@@ -727,7 +758,7 @@ final class Session {
 
     /// What the engine produced for the upstream, written (joined into records) and counted.
     private func writeOutput(to upstream: any Channel) {
-        let total = Self.writeCoalesced(output.upstream, to: upstream)
+        let total = Self.writeCoalesced(output.upstream, to: upstream, reusing: &upstreamJoin)
         shared.metrics.bytesUpstream.increment(by: Int64(total))
         output.upstream.removeAll(keepingCapacity: true)
         lastUpstreamUse = .now()
@@ -756,9 +787,14 @@ final class Session {
             guest.writeAndFlush(ByteBuffer(string: "HTTP/1.1 100 Continue\r\n\r\n"), promise: nil)
         }
         if !output.events.isEmpty {
-            let events = output.events
-            output.events.removeAll(keepingCapacity: true)
+            // Taken out (handling one may add more) and given back for its capacity.
+            var events: [RewriteEvent] = []
+            swap(&events, &output.events)
             for event in events { handle(event) }
+            if output.events.isEmpty {
+                events.removeAll(keepingCapacity: true)
+                swap(&events, &output.events)
+            }
         }
         switch rewriter.status {
         case .blocked: abort()
