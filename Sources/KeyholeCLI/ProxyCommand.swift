@@ -86,7 +86,7 @@ struct ProxyCommand: AsyncParsableCommand {
         help: ArgumentHelp(
             "Seconds a guest connection may stay open without upstream traffic before its upstream connection goes back to the pool (0: kept for the guest connection's lifetime).",
             valueName: "s"))
-    var upstreamDetachAfter: Double = 2
+    var upstreamDetachAfter: Double = 0.5
 
     @Option(
         help: ArgumentHelp(

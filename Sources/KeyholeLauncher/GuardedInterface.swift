@@ -27,7 +27,7 @@ public struct GuardSettings: Sendable {
     public init(
         proxyPort: UInt16 = 15001, queueNumber: UInt16 = 4242, upstreamMark: UInt32? = 0x4B48,
         firstFlightTimeout: TimeAmount = .seconds(5), headTimeout: TimeAmount = .seconds(30), stateDirectory: String? = nil,
-        idleTimeout: TimeAmount = .minutes(5), upstreamIdleTimeout: TimeAmount = .seconds(1), upstreamDetachAfter: TimeAmount = .seconds(2),
+        idleTimeout: TimeAmount = .minutes(5), upstreamIdleTimeout: TimeAmount = .seconds(1), upstreamDetachAfter: TimeAmount = .milliseconds(500),
         threads: Int = ProxyConfiguration.usableCores
     ) {
         self.upstreamDetachAfter = upstreamDetachAfter

@@ -47,7 +47,7 @@ public struct ProxyConfiguration: Sendable {
     /// A guest connection kept open but quiet (no upstream traffic) for this long gives its
     /// upstream connection back to the pool, and takes one (or connects and verifies anew)
     /// at its next request; zero keeps every guest connection's upstream for its lifetime.
-    public var upstreamDetachAfter: TimeAmount = .seconds(2)
+    public var upstreamDetachAfter: TimeAmount = .milliseconds(500)
 
     public init(
         listen: SocketAddress, upstreamMark: UInt32? = 0x4B48, firstFlightTimeout: TimeAmount = .seconds(5),
