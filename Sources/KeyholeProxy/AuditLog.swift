@@ -162,10 +162,10 @@ public struct AuditRecord: Sendable {
     }
 
     static func appendDecimal(_ value: UInt64, to out: inout [UInt8]) {
-        var digits: (UInt64, Int) = (1, 1)
-        while digits.0 <= value / 10 { digits = (digits.0 * 10, digits.1 + 1) }
+        // The place value of the leading digit, then one digit per place.
+        var unit: UInt64 = 1
+        while unit <= value / 10 { unit *= 10 }
         var rest = value
-        var unit = digits.0
         while unit > 0 {
             out.append(UInt8(48 + rest / unit))
             rest %= unit

@@ -107,10 +107,6 @@ public final class ProxyMetrics: Sendable {
     /// a dictionary lookup rather than a registry lookup and a new handle.
     private let substitutionCounters = Mutex<[String: Counter]>([:])
 
-    func substitution(secret: String, site: String) {
-        substitutionCounter(secret: secret, site: site).increment()
-    }
-
     /// The counter of one secret's substitutions at one site (a session keeps the last it
     /// used, so a keep-alive connection does not look it up again for every request).
     func substitutionCounter(secret: String, site: String) -> Counter {
