@@ -164,7 +164,6 @@ public final class ProxyServer: Sendable {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ResetHandler())
                     try channel.pipeline.syncOperations.addHandler(FirstFlightHandler(shared: shared))
                 }
             }

@@ -5,8 +5,9 @@ import NIOPosix
 import Glibc
 #endif
 
-/// First in every guest pipeline. Closing through it bypasses TLS, so a reset is a reset
-/// (SO_LINGER 0: RST, not FIN) and no close_notify is sent.
+/// Put first in a guest pipeline when the connection is reset: closing through it bypasses
+/// TLS, so a reset is a reset (SO_LINGER 0: RST, not FIN) and no close_notify is sent. Added
+/// only then, not at accept: a handler at the head would be one more hop for every read.
 final class ResetHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -23,7 +24,13 @@ extension Channel {
         let linger = (channel as? any SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0))
             ?? eventLoop.makeSucceededVoidFuture()
         linger.assumeIsolated().whenComplete { _ in
-            if let context = try? channel.pipeline.syncOperations.context(handlerType: ResetHandler.self) {
+            let pipeline = channel.pipeline.syncOperations
+            let context =
+                (try? pipeline.context(handlerType: ResetHandler.self))
+                ?? (try? pipeline.addHandler(ResetHandler(), position: .first)).flatMap { _ in
+                    try? pipeline.context(handlerType: ResetHandler.self)
+                }
+            if let context {
                 context.close(promise: nil)
             } else {
                 channel.close(promise: nil)
