@@ -81,6 +81,49 @@ public struct RequestSummary: Sendable, Hashable {
         }
     }
 
+    /// The raw bytes of the method, the path and the `Host` value (before any repair of
+    /// invalid UTF-8 that the `String` properties make).
+    public struct TargetBytes: Sendable, Equatable {
+        public var method: [UInt8]
+        public var path: [UInt8]
+        public var host: [UInt8]?
+
+        public init(method: [UInt8], path: [UInt8], host: [UInt8]?) {
+            self.method = method
+            self.path = path
+            self.host = host
+        }
+    }
+
+    public var targetBytes: TargetBytes {
+        switch storage {
+        case .strings(let method, let path, let host):
+            return TargetBytes(method: Array(method.utf8), path: Array(path.utf8), host: host.map { Array($0.utf8) })
+        case .head(let head, let method, let path, let host):
+            return head.withUnsafeReadableBytes { b in
+                TargetBytes(method: Array(b[method]), path: Array(b[path]), host: host.map { Array(b[$0]) })
+            }
+        }
+    }
+
+    /// Whether this request's method, path and `Host` are `target`'s, compared where they
+    /// lie (no `String` or array is made for a request read from a head).
+    public func hasTarget(_ target: TargetBytes) -> Bool {
+        switch storage {
+        case .strings:
+            return targetBytes == target
+        case .head(let head, let method, let path, let host):
+            return head.withUnsafeReadableBytes { b in
+                guard b[method].elementsEqual(target.method), b[path].elementsEqual(target.path) else { return false }
+                switch (host, target.host) {
+                case (nil, nil): return true
+                case (let range?, let bytes?): return b[range].elementsEqual(bytes)
+                default: return false
+                }
+            }
+        }
+    }
+
     public static func == (a: RequestSummary, b: RequestSummary) -> Bool {
         a.method == b.method && a.path == b.path && a.host == b.host
     }

@@ -72,9 +72,20 @@ public struct AuditRecord: Sendable {
     /// same second.
     func appendJSONLine(to out: inout [UInt8], time: Date, cache: inout TimestampCache) {
         out.reserveCapacity(out.count + 256)
-        out.append(UInt8(ascii: "{"))
-        Self.appendKey("time", to: &out, first: true)
-        Self.appendTimestamp(time, to: &out, cache: &cache)
+        Self.appendTimeField(time, to: &out, cache: &cache)
+        appendFieldsAfterTime(to: &out)
+    }
+
+    /// The start of every line: `{"time":"…"`.
+    static func appendTimeField(_ time: Date, to out: inout [UInt8], cache: inout TimestampCache) {
+        appendLiteral("{", to: &out)
+        appendKey("time", to: &out, first: true)
+        appendTimestamp(time, to: &out, cache: &cache)
+    }
+
+    /// The rest of the line after the time, newline included. It does not depend on the
+    /// time: a writer that repeats a record may keep these bytes (`AuditLog.write(info:)`).
+    func appendFieldsAfterTime(to out: inout [UInt8]) {
         Self.appendField("level", level.rawValue, to: &out)
         Self.appendField("sandbox", sandbox, to: &out)
         Self.appendKey("connection", to: &out, first: false)
@@ -83,11 +94,7 @@ public struct AuditRecord: Sendable {
         // One call per field (no array of pairs to allocate for every record).
         func optional(_ key: StaticString, _ value: String?) {
             guard let value else { return }
-            out.append(UInt8(ascii: ","))
-            out.append(UInt8(ascii: "\""))
-            out.append(contentsOf: UnsafeBufferPointer(start: key.utf8Start, count: key.utf8CodeUnitCount))
-            out += "\":".utf8
-            Self.appendQuoted(value, to: &out)
+            Self.appendField(key, value, to: &out)
         }
         optional("secret", secret)
         optional("site", site)
@@ -101,17 +108,22 @@ public struct AuditRecord: Sendable {
         optional("path", path)
         optional("detail", detail)
         optional("response", response)
-        out += "}\n".utf8
+        Self.appendLiteral("}\n", to: &out)
     }
 
-    static func appendKey(_ key: String, to out: inout [UInt8], first: Bool) {
-        if !first { out.append(UInt8(ascii: ",")) }
-        out.append(UInt8(ascii: "\""))
-        out += key.utf8
-        out += "\":".utf8
+    /// Appends a literal's bytes (a `StaticString` is one contiguous copy, where a `String`'s
+    /// `utf8` view goes through the generic sequence path).
+    static func appendLiteral(_ text: StaticString, to out: inout [UInt8]) {
+        out.append(contentsOf: UnsafeBufferPointer(start: text.utf8Start, count: text.utf8CodeUnitCount))
     }
 
-    static func appendField(_ key: String, _ value: String, to out: inout [UInt8]) {
+    static func appendKey(_ key: StaticString, to out: inout [UInt8], first: Bool) {
+        appendLiteral(first ? "\"" : ",\"", to: &out)
+        appendLiteral(key, to: &out)
+        appendLiteral("\":", to: &out)
+    }
+
+    static func appendField(_ key: StaticString, _ value: String, to out: inout [UInt8]) {
         appendKey(key, to: &out, first: false)
         appendQuoted(value, to: &out)
     }
@@ -151,7 +163,7 @@ public struct AuditRecord: Sendable {
         out.append(UInt8(48 + millis / 100))
         out.append(UInt8(48 + (millis / 10) % 10))
         out.append(UInt8(48 + millis % 10))
-        out += "Z\"".utf8
+        appendLiteral("Z\"", to: &out)
     }
 
     static func timestamp(_ date: Date) -> String {
@@ -237,6 +249,8 @@ public final class AuditLog: Sendable {
     }
     private let state: Mutex<State>
     private let observers = Mutex<[@Sendable (AuditRecord) -> Void]>([])
+    /// How many observers there are: a record skips the observers' lock when none is.
+    private let observerCount = Atomic<Int>(0)
     /// A batch larger than this is written without waiting for the end of the round.
     static let batchLimit = 64 << 10
 
@@ -257,7 +271,10 @@ public final class AuditLog: Sendable {
     /// Calls `observer` with every record written from now on, on the writing thread (an
     /// event loop: keep it short).
     public func addObserver(_ observer: @escaping @Sendable (AuditRecord) -> Void) {
-        observers.withLock { $0.append(observer) }
+        observers.withLock {
+            $0.append(observer)
+            observerCount.store($0.count, ordering: .releasing)
+        }
     }
 
     /// `path`: a file, or `syslog` for the local syslog socket.
@@ -280,14 +297,33 @@ public final class AuditLog: Sendable {
     }
 
     public func write(_ record: AuditRecord) {
-        for observer in observers.withLock({ $0 }) { observer(record) }
+        if observerCount.load(ordering: .acquiring) > 0 {
+            for observer in observers.withLock({ $0 }) { observer(record) }
+        }
+        emit(record.level) { record.appendFieldsAfterTime(to: &$0) }
+    }
+
+    /// Whether `write(info:)` may be used: nobody observes records (observers are given
+    /// records, which preformatted bytes are not).
+    var takesPreformatted: Bool { observerCount.load(ordering: .acquiring) == 0 }
+
+    /// An `info` record given as the bytes `AuditRecord.appendFieldsAfterTime` made for it,
+    /// for a writer that writes the same record again and again (a keep-alive connection's
+    /// substitutions): the line is its time and these bytes. Only when `takesPreformatted`.
+    func write(info fieldsAfterTime: [UInt8]) {
+        emit(.info) { $0 += fieldsAfterTime }
+    }
+
+    /// One line: the time, then what `appendFields` appends (the newline included).
+    private func emit(_ level: AuditRecord.Level, _ appendFields: (inout [UInt8]) -> Void) {
         if case .discard = sink { return }
-        if case .file = sink, record.level == .info, let loop = MultiThreadedEventLoopGroup.currentEventLoop {
+        if case .file = sink, level == .info, let loop = MultiThreadedEventLoopGroup.currentEventLoop {
             // The common case (a substitution on an event loop): formatted straight into the
             // batch, written out after the loop's current work.
             let time = Date()
             let schedule: Bool = state.withLock { state in
-                record.appendJSONLine(to: &state.bytes, time: time, cache: &state.timestamps)
+                AuditRecord.appendTimeField(time, to: &state.bytes, cache: &state.timestamps)
+                appendFields(&state.bytes)
                 guard state.bytes.count < Self.batchLimit else {
                     Self.writeOut(&state)
                     return false
@@ -299,14 +335,16 @@ public final class AuditLog: Sendable {
             return
         }
         var line: [UInt8] = []
-        record.appendJSONLine(to: &line, time: Date())
+        var timestamps = AuditRecord.TimestampCache()
+        AuditRecord.appendTimeField(Date(), to: &line, cache: &timestamps)
+        appendFields(&line)
         if case .syslog(let socket) = sink {
             line.removeLast()  // the newline
-            let severity = record.level == .error ? 3 : record.level == .warn ? 4 : 6
+            let severity = level == .error ? 3 : level == .warn ? 4 : 6
             state.withLock { Self.sendSyslog(line, severity: severity, socket: socket, fd: &$0.fd) }
             return
         }
-        let loop = record.level == .info ? MultiThreadedEventLoopGroup.currentEventLoop : nil
+        let loop = level == .info ? MultiThreadedEventLoopGroup.currentEventLoop : nil
         let schedule: Bool = state.withLock { state in
             state.bytes += line
             guard loop != nil, state.bytes.count < Self.batchLimit else {

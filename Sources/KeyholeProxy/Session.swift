@@ -71,6 +71,9 @@ final class Session {
     @exclusivity(unchecked) var guestJoin: ByteBuffer?
     /// The counter of the last substitution counted (the next is most likely the same).
     var substitutionCounter: (secret: String, site: Site, counter: Counter)?
+    /// The audit line of the last substitution after its time, and what it was made of: a
+    /// keep-alive connection's substitutions mostly repeat it byte for byte.
+    var substitutionLine: (secret: String, site: Site, sni: String?, target: RequestSummary.TargetBytes, fields: [UInt8])?
     /// A reattach's new connection until it is verified (closed if the session ends first).
     var pendingUpstream: (any Channel)?
     var reattachDeadline: Scheduled<Void>?
@@ -803,6 +806,27 @@ final class Session {
         }
     }
 
+    /// A `substituted` audit record. The same secret, site and request target as the last
+    /// one write the bytes kept from it (no record, no strings) unless someone observes
+    /// records.
+    private func auditSubstitution(secret: String, site: Site, request: RequestSummary) {
+        let audit = shared.audit
+        guard audit.takesPreformatted else { return audit.write(substitutionRecord(secret: secret, site: site, request: request)) }
+        if let line = substitutionLine, line.secret == secret, line.site == site, line.sni == serverName, request.hasTarget(line.target) {
+            return audit.write(info: line.fields)
+        }
+        var fields: [UInt8] = []
+        substitutionRecord(secret: secret, site: site, request: request).appendFieldsAfterTime(to: &fields)
+        substitutionLine = (secret, site, serverName, request.targetBytes, fields)
+        audit.write(info: fields)
+    }
+
+    private func substitutionRecord(secret: String, site: Site, request: RequestSummary) -> AuditRecord {
+        AuditRecord(
+            level: .info, event: "substituted", sandbox: policy.name, connection: id, secret: secret, site: site.rawValue,
+            sni: serverName, host: request.host, destination: destinationText, method: request.method, path: request.path)
+    }
+
     func handle(_ event: RewriteEvent) {
         switch event {
         case .substituted(let secret, let site, let request):
@@ -814,10 +838,7 @@ final class Session {
                 counter.increment()
                 substitutionCounter = (secret, site, counter)
             }
-            shared.audit.write(
-                AuditRecord(
-                    level: .info, event: "substituted", sandbox: policy.name, connection: id, secret: secret, site: site.rawValue,
-                    sni: serverName, host: request.host, destination: destinationText, method: request.method, path: request.path))
+            auditSubstitution(secret: secret, site: site, request: request)
         case .passedThrough(let secret, let site, let request):
             shared.metrics.passedThrough.increment()
             shared.audit.write(

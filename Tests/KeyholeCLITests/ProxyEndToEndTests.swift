@@ -93,6 +93,53 @@ struct ProxyEndToEndTests {
         try assertNoValueLeaked(harness, [header.stdout, header.stderr, python.stdout, python.stderr])
     }
 
+    /// A keep-alive connection's substitutions reuse the audit line of the last one when
+    /// secret, site and request repeat (`Session.auditSubstitution`): each line must still
+    /// name its own request, and change as soon as any of them does.
+    @Test func eachSubstitutionOnAKeepAliveConnectionIsAuditedWithItsOwnRequest() throws {
+        let harness = try ProxyHarness()
+        defer { harness.close() }
+        _ = try harness.upstream("203.0.113.10", port: 443, cert: "api.example.test")
+        try harness.startProxy(policy: Self.policy)
+        let python = try harness.guest(
+            """
+            python3 - <<'EOF'
+            import http.client, socket, ssl
+            ctx = ssl.create_default_context(cafile='\(harness.stateDirectory)/ca.pem')
+            c = http.client.HTTPSConnection('api.example.test', context=ctx, timeout=10)
+            c.sock = ctx.wrap_socket(socket.create_connection(('203.0.113.10', 443)), server_hostname='api.example.test')
+            for method, target, headers in [
+                ('GET', '/a', {'Authorization': 'Bearer $MSB_TOKEN'}),
+                ('GET', '/a', {'Authorization': 'Bearer $MSB_TOKEN'}),
+                ('GET', '/b', {'Authorization': 'Bearer $MSB_TOKEN'}),
+                ('GET', '/b?key=$MSB_TOKEN', {}),
+                ('DELETE', '/b', {'Authorization': 'Bearer $MSB_TOKEN'}),
+                ('GET', '/a', {'Authorization': 'Bearer $MSB_TOKEN'}),
+            ]:
+                c.request(method, target, headers=headers)
+                assert c.getresponse().read() == b'ok\\n'
+            print('python ok')
+            EOF
+            """)
+        #expect(python.stdout.contains("python ok"), "\(python.stderr)")
+        var substituted: [[String: Any]] = []
+        for _ in 0..<50 {
+            substituted = harness.records(harness.auditLog).filter { $0["event"] as? String == "substituted" }
+            if substituted.count >= 6 { break }
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        try #require(substituted.count == 6, "\(harness.audit)")
+        #expect(substituted.map { "\($0["method"] ?? "-") \($0["path"] ?? "-") \($0["site"] ?? "-")" } == [
+            "GET /a header", "GET /a header", "GET /b header", "GET /b query", "DELETE /b header", "GET /a header",
+        ])
+        #expect(Set(substituted.compactMap { $0["connection"] as? Int }).count == 1, "one connection")
+        for record in substituted {
+            #expect(record["host"] as? String == "api.example.test" && record["sni"] as? String == "api.example.test")
+            #expect(record["secret"] as? String == "TOKEN" && record["sandbox"] as? String == "e2e" && record["level"] as? String == "info")
+        }
+        try assertNoValueLeaked(harness)
+    }
+
     @Test func theGuestSeesAValidChainFromTheSandboxCAForAnyName() throws {
         let harness = try ProxyHarness()
         defer { harness.close() }

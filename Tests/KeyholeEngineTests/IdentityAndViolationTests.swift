@@ -13,6 +13,33 @@ struct IdentityAndViolationTests {
         #expect(run.violations.first?.request?.host == "evil.example.net")
     }
 
+    /// What a session's audit line cache keys on: method, path and Host, byte for byte.
+    @Test func aRequestSummaryComparesItsTargetByBytes() throws {
+        func summary(_ target: String, host: String?) throws -> RequestSummary {
+            let hostLine = host.map { "Host: \($0)\r\n" } ?? ""
+            let run = rewrite("GET \(target) HTTP/1.1\r\n\(hostLine)X: $MSB_TOKEN\r\n\r\n")
+            let requests: [RequestSummary] = run.events.compactMap {
+                switch $0 {
+                case .violation(let violation): violation.request
+                case .hostMismatch(let request), .framingError(_, let request): request
+                default: nil
+                }
+            }
+            return try #require(requests.first, "\(run.events)")
+        }
+        let a = try summary("/a?q=1", host: "evil.example.net")
+        let target = a.targetBytes
+        #expect(target == RequestSummary.TargetBytes(method: Array("GET".utf8), path: Array("/a".utf8), host: Array("evil.example.net".utf8)))
+        #expect(a.hasTarget(target))
+        #expect(try summary("/a?q=2", host: "evil.example.net").hasTarget(target), "the query is not part of it")
+        #expect(try !summary("/b", host: "evil.example.net").hasTarget(target))
+        #expect(try !summary("/a", host: "evil.example.ne").hasTarget(target))
+        let noHost = try summary("/a", host: nil)
+        #expect(noHost.targetBytes.host == nil)
+        #expect(!noHost.hasTarget(target) && !a.hasTarget(noHost.targetBytes))
+        #expect(RequestSummary(method: "GET", path: "/a", host: "evil.example.net").hasTarget(target))
+    }
+
     @Test func domainFrontingSNIElsewhereHostAllowed() {
         let run = rewrite(header, identity: .verifiedTLS(sni: "evil.example.net"))
         #expect(run.bytes.isEmpty)

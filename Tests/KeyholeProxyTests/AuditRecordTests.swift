@@ -49,6 +49,42 @@ struct AuditRecordTests {
     }
 }
 
+/// `AuditLog.write(info:)`: a record given as the bytes after its time (what a session keeps
+/// of its last substitution) makes the line `write(_:)` makes of the record.
+@Suite("Audit log, preformatted records")
+struct AuditPreformattedTests {
+    @Test func theBytesAfterTheTimeMakeTheSameLineAsTheRecord() throws {
+        let path = NSTemporaryDirectory() + "keyhole-audit-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).log"
+        defer { unlink(path) }
+        let log = try AuditLog(path: path)
+        #expect(log.takesPreformatted)
+        let records = [
+            AuditRecord(
+                level: .info, event: "substituted", sandbox: "s", connection: 9, secret: "TOKEN", site: "header",
+                sni: "api.example.test", host: "api.example.test", destination: "203.0.113.10:443", method: "GET", path: "/a\"b\u{1}é"),
+            AuditRecord(level: .info, event: "substituted", sandbox: "s", connection: 10, secret: "TOKEN", site: "query"),
+        ]
+        for record in records {
+            log.write(record)
+            var fields: [UInt8] = []
+            record.appendFieldsAfterTime(to: &fields)
+            log.write(info: fields)
+        }
+        log.flush()
+        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map(String.init)
+        try #require(lines.count == 4, "\(lines)")
+        // The same but for the time (each line has its own).
+        func afterTime(_ line: String) -> Substring { line[line.firstRange(of: "\"level\"")!.lowerBound...] }
+        #expect(afterTime(lines[0]) == afterTime(lines[1]))
+        #expect(afterTime(lines[2]) == afterTime(lines[3]))
+        #expect(lines.allSatisfy { $0.hasPrefix("{\"time\":\"") })
+        for line in lines { _ = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], "\(line)") }
+        // Observers are given records, so a log with one takes none preformatted.
+        log.addObserver { _ in }
+        #expect(!log.takesPreformatted)
+    }
+}
+
 /// `--audit-log syslog`: one RFC 3164 datagram per record to the syslog socket.
 @Suite("Audit log to syslog")
 struct AuditSyslogTests {
