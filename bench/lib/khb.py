@@ -616,8 +616,10 @@ def report(raw, meta_path, out_md, out_png):
         L.append(f"{n:,} TLS connections opened through the contender (64 handshakes at a time, Python asyncio), one request "
                  "each, then left open and idle. RSS is the proxy's (VmRSS over its process tree) before the first and after "
                  "the last was open; per connection = the difference / the connections open. While all are open, one more "
-                 "connection makes 500 keep-alive requests one after another: their latency. Keyhole holds an upstream "
-                 "connection for every guest connection (its identity was verified for it); nginx holds only the client's.")
+                 "connection makes 500 keep-alive requests one after another: their latency. A quiet guest connection "
+                 "in Keyhole gives its upstream connection back after `--upstream-detach-after` (0.5 s), as nginx's "
+                 "clients share its upstream pool: each holds the client's TLS connection only. Why Keyhole's is "
+                 "larger: README, \"Memory per connection\".")
         L.append("")
         L.append("| contender | open | RSS before MiB | RSS after MiB | KiB / connection | × nginx | p50 ms | p99 ms | seconds to open | check |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
