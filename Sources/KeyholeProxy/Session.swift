@@ -72,8 +72,11 @@ final class Session {
     /// The counter of the last substitution counted (the next is most likely the same).
     var substitutionCounter: (secret: String, site: Site, counter: Counter)?
     /// The audit line of the last substitution after its time, and what it was made of: a
-    /// keep-alive connection's substitutions mostly repeat it byte for byte.
+    /// keep-alive connection's substitutions mostly repeat it byte for byte. Kept only when
+    /// short (`substitutionLineLimit`: a long path is not held for the connection's life) and
+    /// dropped when the connection goes quiet.
     var substitutionLine: (secret: String, site: Site, sni: String?, target: RequestSummary.TargetBytes, fields: [UInt8])?
+    static let substitutionLineLimit = 512
     /// A reattach's new connection until it is verified (closed if the session ends first).
     var pendingUpstream: (any Channel)?
     var reattachDeadline: Scheduled<Void>?
@@ -512,6 +515,7 @@ final class Session {
                 // A quiet connection holds as little as it can.
                 session.upstreamJoin = nil
                 session.guestJoin = nil
+                session.substitutionLine = nil
             }
         }
     }
@@ -817,7 +821,7 @@ final class Session {
         }
         var fields: [UInt8] = []
         substitutionRecord(secret: secret, site: site, request: request).appendFieldsAfterTime(to: &fields)
-        substitutionLine = (secret, site, serverName, request.targetBytes, fields)
+        substitutionLine = fields.count <= Self.substitutionLineLimit ? (secret, site, serverName, request.targetBytes, fields) : nil
         audit.write(info: fields)
     }
 

@@ -114,6 +114,8 @@ struct ProxyEndToEndTests {
                 ('GET', '/b', {'Authorization': 'Bearer $MSB_TOKEN'}),
                 ('GET', '/b?key=$MSB_TOKEN', {}),
                 ('DELETE', '/b', {'Authorization': 'Bearer $MSB_TOKEN'}),
+                ('GET', '/' + 'p' * 600, {'Authorization': 'Bearer $MSB_TOKEN'}),
+                ('GET', '/' + 'p' * 600, {'Authorization': 'Bearer $MSB_TOKEN'}),
                 ('GET', '/a', {'Authorization': 'Bearer $MSB_TOKEN'}),
             ]:
                 c.request(method, target, headers=headers)
@@ -125,12 +127,15 @@ struct ProxyEndToEndTests {
         var substituted: [[String: Any]] = []
         for _ in 0..<50 {
             substituted = harness.records(harness.auditLog).filter { $0["event"] as? String == "substituted" }
-            if substituted.count >= 6 { break }
+            if substituted.count >= 8 { break }
             Thread.sleep(forTimeInterval: 0.1)
         }
-        try #require(substituted.count == 6, "\(harness.audit)")
+        try #require(substituted.count == 8, "\(harness.audit)")
+        // A line longer than the session keeps (a 601-byte path) is made anew each time.
+        let long = "/" + String(repeating: "p", count: 600)
         #expect(substituted.map { "\($0["method"] ?? "-") \($0["path"] ?? "-") \($0["site"] ?? "-")" } == [
-            "GET /a header", "GET /a header", "GET /b header", "GET /b query", "DELETE /b header", "GET /a header",
+            "GET /a header", "GET /a header", "GET /b header", "GET /b query", "DELETE /b header",
+            "GET \(long) header", "GET \(long) header", "GET /a header",
         ])
         #expect(Set(substituted.compactMap { $0["connection"] as? Int }).count == 1, "one connection")
         for record in substituted {
