@@ -435,6 +435,17 @@ def report(raw, meta_path, out_md, out_png):
         L.append("")
         L.append(f"Keyhole / mitmproxy: **{kh / mi:.1f}×** (target ≥ 20×); Keyhole / nginx: "
                  f"**{kh / ka_n:.2f}×** (target ≥ 0.8×)." if ka_n else f"Keyhole / mitmproxy: **{kh / mi:.1f}×**.")
+    # The CPU ratio round by round: the two ran seconds apart in each round, so a round's
+    # ratio is steadier than the ratio of the two medians when the machine's speed drifts.
+    per_round = {}
+    for r in records:
+        if r.get("workload") == "ka" and r.get("contender") in ("keyhole", "nginx") and "proxy_cpu_us_per_req" in r:
+            per_round.setdefault(r["round"], {})[r["contender"]] = r["proxy_cpu_us_per_req"]
+    cpu_ratios = [v["keyhole"] / v["nginx"] for _, v in sorted(per_round.items()) if "keyhole" in v and "nginx" in v and v["nginx"]]
+    if cpu_ratios:
+        L.append("")
+        L.append("Keyhole's CPU per request / nginx's, round by round: "
+                 + ", ".join(f"{x:.2f}×" for x in cpu_ratios) + f" (median **{statistics.median(cpu_ratios):.2f}×**).")
     L.append("")
 
     # (b) new connections
