@@ -160,8 +160,8 @@ final class HTTP2Relay {
 @available(*, unavailable)
 extension HTTP2Relay: Sendable {}
 
-/// The tail of each leg's connection pipeline: a close, an error or an idle connection ends
-/// the session; the guest's ALPN must have come out as `h2`.
+/// The tail of each leg's connection pipeline: a close or an error ends the session, each
+/// read moves the session's idle timer on; the guest's ALPN must have come out as `h2`.
 final class HTTP2ConnectionHandler: ChannelInboundHandler {
     typealias InboundIn = Any
     enum Side { case guest, upstream }
@@ -176,6 +176,11 @@ final class HTTP2ConnectionHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
 
+    func channelReadComplete(context: ChannelHandlerContext) {
+        relay.session.noteActivity()
+        context.fireChannelReadComplete()
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         switch side {
         case .guest: relay.session.guestClosed()
@@ -185,10 +190,6 @@ final class HTTP2ConnectionHandler: ChannelInboundHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if side == .guest {
-            if event is IdleStateHandler.IdleStateEvent {
-                relay.session.abort()
-                return
-            }
             if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls {
                 handshakeDone = true
             }

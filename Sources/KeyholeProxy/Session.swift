@@ -312,7 +312,10 @@ final class Session {
                     }
                     try relay.install(guestTLS: guestTLSHandler, upstream: upstream)
                     http2 = relay
-                    try guestPipeline.addHandler(IdleStateHandler(allTimeout: shared.configuration.idleTimeout), position: .first)
+                    // The same idle timer as HTTP/1: both legs' reads move it on
+                    // (`HTTP2ConnectionHandler.channelReadComplete`).
+                    noteActivity()
+                    armIdleTimer()
                     try upstreamPipeline.handler(type: UpstreamHoldHandler.self).release()
                     return guest.eventLoop.makeSucceededVoidFuture()
                 }
@@ -473,11 +476,16 @@ final class Session {
 
     // MARK: Idle connections
 
+    /// Bytes arrived from either side: the idle timeout counts from now.
+    func noteActivity() {
+        lastActivity = .now()
+    }
+
     /// A connection on which neither side sent anything for `idleTimeout` is reset. One
     /// timer per session, re-armed only when it fires early (a busy connection pays a clock
     /// read per read, not a timer, a promise and a callback per write as NIO's
     /// `IdleStateHandler` does).
-    private func armIdleTimer() {
+    func armIdleTimer() {
         let timeout = shared.configuration.idleTimeout
         guard timeout > .zero, !finished else { return }
         let loopSelf = NIOLoopBound(self, eventLoop: guest.eventLoop)

@@ -36,6 +36,64 @@ struct HTTP2EndToEndTests {
         try harness.guestCurl(url, "--http2 " + options)
     }
 
+    /// `--idle-timeout` on HTTP/2: a connection on which neither leg reads anything for it is
+    /// reset; one whose guest keeps sending frames (PINGs, answered by Keyhole's HTTP/2
+    /// handler) is not. Raw frames over TLS with ALPN h2, so nothing else talks meanwhile.
+    @Test func aQuietHTTP2ConnectionIsResetAfterTheIdleTimeoutAndABusyOneIsNot() throws {
+        let harness = try ProxyHarness(mode: .appliance)
+        defer { harness.close() }
+        _ = try Self.upstreamH2(harness, "203.0.113.10", cert: "api.example.test")
+        try harness.startProxy(policy: Self.policy, extra: ["--idle-timeout", "1"])
+        let result = try harness.guest(
+            """
+            /usr/bin/python3 - <<'EOF'
+            import socket, ssl, struct, threading, time
+            ctx = ssl.create_default_context(cafile='\(harness.stateDirectory)/ca.pem')
+            ctx.set_alpn_protocols(['h2'])
+            def frame(kind, flags, payload):
+                return struct.pack('>I', len(payload))[1:] + bytes([kind, flags]) + struct.pack('>I', 0) + payload
+            def connect():
+                s = ctx.wrap_socket(socket.create_connection(('203.0.113.10', 443), timeout=10), server_hostname='api.example.test')
+                assert s.selected_alpn_protocol() == 'h2', s.selected_alpn_protocol()
+                s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + frame(4, 0, b''))
+                return s
+            def busy():
+                s = connect()
+                for i in range(8):
+                    s.sendall(frame(6, 0, b'ping%04d' % i))
+                    time.sleep(0.4)
+                s.sendall(frame(6, 0, b'lastping'))
+                data, deadline = b'', time.time() + 5
+                try:
+                    while b'lastping' not in data and time.time() < deadline:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                except OSError as e:
+                    print('busy error', e)
+                print('busy ok' if b'lastping' in data else 'busy closed')
+            t = threading.Thread(target=busy)
+            t.start()
+            q = connect()
+            start = time.time()
+            try:
+                while q.recv(65536):
+                    pass
+                print('quiet closed after %.1f s' % (time.time() - start))
+            except (ConnectionResetError, ssl.SSLError):
+                print('quiet closed after %.1f s (reset)' % (time.time() - start))
+            except TimeoutError:
+                print('quiet still open')
+            t.join()
+            EOF
+            """)
+        #expect(result.stdout.contains("busy ok"), "\(result.all)")
+        let closed = result.stdout.split(separator: "\n").first { $0.hasPrefix("quiet closed after ") }
+        let seconds = closed.flatMap { Double($0.dropFirst("quiet closed after ".count).prefix { $0 != " " }) }
+        #expect(seconds.map { $0 >= 0.8 && $0 < 3 } == true, "\(result.all)")
+    }
+
     @Test func curlAndHttpxSpeakHTTP2AndAreSubstituted() throws {
         let harness = try ProxyHarness(mode: .appliance)
         defer { harness.close() }
