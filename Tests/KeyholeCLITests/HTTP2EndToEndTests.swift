@@ -89,8 +89,7 @@ struct HTTP2EndToEndTests {
             EOF
             """)
         #expect(result.stdout.contains("busy ok"), "\(result.all)")
-        let closed = result.stdout.split(separator: "\n").first { $0.hasPrefix("quiet closed after ") }
-        let seconds = closed.flatMap { Double($0.dropFirst("quiet closed after ".count).prefix { $0 != " " }) }
+        let seconds = ProxyHarness.secondsUntilQuietClosed(result.stdout)
         #expect(seconds.map { $0 >= 0.8 && $0 < 3 } == true, "\(result.all)")
     }
 

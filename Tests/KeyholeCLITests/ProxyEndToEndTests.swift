@@ -317,8 +317,7 @@ struct ProxyEndToEndTests {
             EOF
             """)
         #expect(result.stdout.contains("busy ok"), "\(result.stdout)\(result.stderr)")
-        let closed = result.stdout.split(separator: "\n").first { $0.hasPrefix("quiet closed after ") }
-        let seconds = closed.flatMap { Double($0.dropFirst("quiet closed after ".count).prefix { $0 != " " }) }
+        let seconds = ProxyHarness.secondsUntilQuietClosed(result.stdout)
         #expect(seconds.map { $0 >= 0.8 && $0 < 3 } == true, "\(result.stdout)")
         #expect(harness.records(log).count == 9)
     }

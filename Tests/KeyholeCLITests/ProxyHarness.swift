@@ -430,6 +430,13 @@ final class ProxyHarness: @unchecked Sendable {
         throw HarnessError.timeout("\(file) never said '\(text)': \((try? String(contentsOfFile: file, encoding: .utf8)) ?? "")\n\(stderr)")
     }
 
+    /// The idle-timeout tests' guest scripts print `quiet closed after N s` when the quiet
+    /// connection ended: N, or nil when no such line was printed.
+    static func secondsUntilQuietClosed(_ output: String) -> Double? {
+        let closed = output.split(separator: "\n").first { $0.hasPrefix("quiet closed after ") }
+        return closed.flatMap { Double($0.dropFirst("quiet closed after ".count).prefix { $0 != " " }) }
+    }
+
     func shellQuote(_ text: String) -> String { "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'" }
 }
 
