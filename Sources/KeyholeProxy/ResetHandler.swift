@@ -25,12 +25,10 @@ extension Channel {
             ?? eventLoop.makeSucceededVoidFuture()
         linger.assumeIsolated().whenComplete { _ in
             let pipeline = channel.pipeline.syncOperations
-            let context =
-                (try? pipeline.context(handlerType: ResetHandler.self))
-                ?? (try? pipeline.addHandler(ResetHandler(), position: .first)).flatMap { _ in
-                    try? pipeline.context(handlerType: ResetHandler.self)
-                }
-            if let context {
+            if (try? pipeline.context(handlerType: ResetHandler.self)) == nil {
+                try? pipeline.addHandler(ResetHandler(), position: .first)
+            }
+            if let context = try? pipeline.context(handlerType: ResetHandler.self) {
                 context.close(promise: nil)
             } else {
                 channel.close(promise: nil)

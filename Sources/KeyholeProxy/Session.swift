@@ -314,8 +314,7 @@ final class Session {
                     http2 = relay
                     // The same idle timer as HTTP/1: both legs' reads move it on
                     // (`HTTP2ConnectionHandler.channelReadComplete`).
-                    noteActivity()
-                    armIdleTimer()
+                    startIdleTimer()
                     try upstreamPipeline.handler(type: UpstreamHoldHandler.self).release()
                     return guest.eventLoop.makeSucceededVoidFuture()
                 }
@@ -333,8 +332,7 @@ final class Session {
                 upstreamPipeline.removeHandler(watcher, promise: nil)
             }
             try upstreamPipeline.addHandler(UpstreamSideHandler(session: self))
-            lastActivity = .now()
-            armIdleTimer()
+            startIdleTimer()
             // What the upstream sent meanwhile (a banner) goes on to the guest now.
             let hold = try upstreamPipeline.handler(type: UpstreamHoldHandler.self)
             hold.release()
@@ -481,11 +479,17 @@ final class Session {
         lastActivity = .now()
     }
 
+    /// The idle timeout, counted from the end of the set-up.
+    private func startIdleTimer() {
+        noteActivity()
+        armIdleTimer()
+    }
+
     /// A connection on which neither side sent anything for `idleTimeout` is reset. One
     /// timer per session, re-armed only when it fires early (a busy connection pays a clock
     /// read per read, not a timer, a promise and a callback per write as NIO's
     /// `IdleStateHandler` does).
-    func armIdleTimer() {
+    private func armIdleTimer() {
         let timeout = shared.configuration.idleTimeout
         guard timeout > .zero, !finished else { return }
         let loopSelf = NIOLoopBound(self, eventLoop: guest.eventLoop)
