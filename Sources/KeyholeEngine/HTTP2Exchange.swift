@@ -65,14 +65,23 @@ public final class HTTP2Exchange {
     public private(set) var responseFailed = false
     public private(set) var requestEnded = false
 
+    /// `secrets`: the policy's, compiled once and shared by its connections and streams.
     public init(
-        identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration = RewriterConfiguration(),
+        identity: ConnectionIdentity, secrets: SecretSet, configuration: RewriterConfiguration = RewriterConfiguration(),
         heldBodyBudget: HeldBodyBudget? = nil, masking: Bool
     ) {
         rewriter = RequestRewriter(identity: identity, secrets: secrets, configuration: configuration, mode: .http, heldBodyBudget: heldBodyBudget)
         masker = ResponseMasker(secrets: secrets, masking: masking)
-        bodyMayChange = secrets.contains { $0.inject.body }
+        bodyMayChange = secrets.secrets.contains { $0.inject.body }
         identityResponses = configuration.identityResponses
+    }
+
+    /// The same, compiling `secrets` for this exchange alone (tools and tests).
+    public convenience init(
+        identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration = RewriterConfiguration(),
+        heldBodyBudget: HeldBodyBudget? = nil, masking: Bool
+    ) {
+        self.init(identity: identity, secrets: SecretSet(secrets), configuration: configuration, heldBodyBudget: heldBodyBudget, masking: masking)
     }
 
     /// Whether the request was refused (violation, host mismatch, framing): reset the stream.

@@ -115,14 +115,23 @@ public final class RequestRewriter {
     // field access (a measurable share of a 1 KiB request's cost).
     @exclusivity(unchecked) var core: RewriterCore
 
+    /// `secrets`: the policy's, compiled once and shared by its connections.
     /// `heldBodyBudget`: shared by the connections of a process; nil means no budget beyond
     /// `configuration.maxHeldBody` per body.
     public init(
-        identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration = RewriterConfiguration(), mode: Mode = .http,
+        identity: ConnectionIdentity, secrets: SecretSet, configuration: RewriterConfiguration = RewriterConfiguration(), mode: Mode = .http,
         heldBodyBudget: HeldBodyBudget? = nil
     ) {
         core = RewriterCore(identity: identity, secrets: secrets, configuration: configuration, mode: mode)
         core.heldBodyBudget = heldBodyBudget
+    }
+
+    /// The same, compiling `secrets` for this rewriter alone (tools and tests).
+    public convenience init(
+        identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration = RewriterConfiguration(), mode: Mode = .http,
+        heldBodyBudget: HeldBodyBudget? = nil
+    ) {
+        self.init(identity: identity, secrets: SecretSet(secrets), configuration: configuration, mode: mode, heldBodyBudget: heldBodyBudget)
     }
 
     deinit {
@@ -257,13 +266,13 @@ struct RewriterCore {
     var closed = false
     let allocator = ByteBufferAllocator()
 
-    init(identity: ConnectionIdentity, secrets: [Secret], configuration: RewriterConfiguration, mode: Mode) {
+    init(identity: ConnectionIdentity, secrets: SecretSet, configuration: RewriterConfiguration, mode: Mode) {
         self.identity = identity
         self.configuration = configuration
-        self.secrets = secrets.map(CompiledSecret.init)
-        self.matcher = PlaceholderMatcher(placeholders: self.secrets.map(\.placeholder))
-        self.rawValues = self.secrets.map { ByteBuffer(bytes: $0.raw) }
-        self.percentValues = self.secrets.map { ByteBuffer(bytes: $0.percentEncoded) }
+        self.secrets = secrets.secrets
+        self.matcher = secrets.placeholders
+        self.rawValues = secrets.rawValues
+        self.percentValues = secrets.percentValues
         self.sniBytes = Array((identity.sni ?? "").utf8)
         self.connectionDenial = self.secrets.map { secret in
             guard let sni = identity.sni else { return nil }

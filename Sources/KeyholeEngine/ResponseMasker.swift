@@ -140,11 +140,17 @@ public final class ResponseMasker {
     /// The body's content coding being decoded (gzip or deflate), if any.
     @exclusivity(unchecked) var decoder: BodyDecoder?
 
-    public init(secrets: [Secret], masking: Bool) {
-        self.secrets = secrets.map(CompiledSecret.init)
-        self.matcher = ValueMatcher(values: self.secrets.map(\.raw))
+    /// `secrets`: the policy's, compiled once and shared by its connections.
+    public init(secrets: SecretSet, masking: Bool) {
+        self.secrets = secrets.secrets
+        self.matcher = secrets.values
         self.masking = masking && !matcher.isEmpty
         self.stream = MaskingStream(matcher: matcher)
+    }
+
+    /// The same, compiling `secrets` for this masker alone (tools and tests).
+    public convenience init(secrets: [Secret], masking: Bool) {
+        self.init(secrets: SecretSet(secrets), masking: masking)
     }
 
     /// From now on values are looked for (a substitution happened on this connection).

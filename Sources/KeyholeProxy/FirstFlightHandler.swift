@@ -76,10 +76,10 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
             channel.reset()
             return
         }
-        let current = shared.currentPolicy
+        let current = shared.currentPolicy(on: channel.eventLoop)
         let session = Session(
             id: shared.newConnectionID(), shared: shared, guest: channel, destination: address, policy: current.policy,
-            policyGeneration: current.generation)
+            policyGeneration: current.generation, secrets: current.secrets)
         session.tunnelHost = tunnelHost
         self.session = session
         // With an idle verified connection to this address, connect only if the first

@@ -248,7 +248,7 @@ final class StreamExchange {
         var configuration = RewriterConfiguration()
         configuration.identityResponses = relay.masking || relay.substituted
         exchange = HTTP2Exchange(
-            identity: relay.identity, secrets: session.policy.secrets, configuration: configuration,
+            identity: relay.identity, secrets: session.secrets, configuration: configuration,
             heldBodyBudget: session.shared.heldBodies, masking: relay.masking || relay.substituted)
     }
 

@@ -89,7 +89,7 @@ final class ProxyShared: Sendable {
     let onTerminate: @Sendable (String) -> Void
     let heldBodies: HeldBodyBudget
     let upstreamPool: UpstreamPool
-    private let policyBox: Mutex<(policy: Policy, generation: UInt64)>
+    private let policyBox: Mutex<PolicyState>
     private let nextConnection = Atomic<UInt64>(0)
 
     init(
@@ -105,20 +105,44 @@ final class ProxyShared: Sendable {
         self.onTerminate = onTerminate
         self.heldBodies = HeldBodyBudget(limit: configuration.heldBodyBudget)
         self.upstreamPool = UpstreamPool(idleTimeout: configuration.upstreamIdleTimeout)
-        self.policyBox = Mutex((policy, 0))
+        self.policyBox = Mutex(PolicyState(policy: policy, generation: 0))
+    }
+
+    struct PolicyState {
+        var policy: Policy
+        /// One more at every reload.
+        var generation: UInt64
+        /// The policy's secrets compiled, once per event loop: a loop's connections share
+        /// its tables, and loops do not share reference counts.
+        var compiled: [ObjectIdentifier: SecretSet] = [:]
     }
 
     var policy: Policy {
         get { policyBox.withLock { $0.policy } }
     }
 
-    /// The policy and its generation (one more at every reload), read together: a pooled
-    /// upstream connection is only lent within the generation it was used under.
-    var currentPolicy: (policy: Policy, generation: UInt64) { policyBox.withLock { $0 } }
+    /// The policy and its generation, read together: a pooled upstream connection is only
+    /// lent within the generation it was used under.
+    var policyGeneration: UInt64 { policyBox.withLock { $0.generation } }
 
-    /// A new policy: idle upstream connections (verified under the old one) are closed.
+    /// The policy, its generation and its secrets compiled for `loop`, read together (a
+    /// reload in between cannot pair one policy with another's secrets).
+    func currentPolicy(on loop: any EventLoop) -> (policy: Policy, generation: UInt64, secrets: SecretSet) {
+        let key = ObjectIdentifier(loop)
+        let (policy, generation, compiled) = policyBox.withLock { ($0.policy, $0.generation, $0.compiled[key]) }
+        if let compiled { return (policy, generation, compiled) }
+        // Compiled outside the lock; kept unless a reload came meanwhile.
+        let secrets = SecretSet(policy.secrets)
+        policyBox.withLock { state in
+            if state.generation == generation { state.compiled[key] = secrets }
+        }
+        return (policy, generation, secrets)
+    }
+
+    /// A new policy: idle upstream connections (verified under the old one) are closed, and
+    /// the old secrets' compiled forms go with the connections still using them.
     func replacePolicy(_ policy: Policy) {
-        policyBox.withLock { $0 = (policy, $0.generation + 1) }
+        policyBox.withLock { $0 = PolicyState(policy: policy, generation: $0.generation + 1) }
         upstreamPool.drain()
     }
 

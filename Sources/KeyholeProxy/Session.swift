@@ -23,6 +23,8 @@ final class Session {
     let policy: Policy
     /// Which reload of the policy this session runs under (pooled connections stay within one).
     let policyGeneration: UInt64
+    /// The policy's secrets compiled (shared with the other connections on this event loop).
+    let secrets: SecretSet
     @exclusivity(unchecked) var upstream: (any Channel)?
     @exclusivity(unchecked) var rewriter: RequestRewriter?
     @exclusivity(unchecked) var serverName: String?
@@ -83,8 +85,12 @@ final class Session {
     /// The upstream connection in use was offered `h2` (what a pool entry records).
     var upstreamOfferedHTTP2 = false
 
-    init(id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy, policyGeneration: UInt64) {
+    init(
+        id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy, policyGeneration: UInt64,
+        secrets: SecretSet
+    ) {
         self.policyGeneration = policyGeneration
+        self.secrets = secrets
         self.id = id
         self.shared = shared
         self.guest = guest
@@ -323,9 +329,9 @@ final class Session {
                 // A verified HTTP/1.1 upstream may go back to the pool when the guest is done.
                 configuration.keepUpstreamAlive = mayPoolUpstream
                 rewriter = RequestRewriter(
-                    identity: identity, secrets: policy.secrets, configuration: configuration, mode: opaque ? .opaque : .http,
+                    identity: identity, secrets: secrets, configuration: configuration, mode: opaque ? .opaque : .http,
                     heldBodyBudget: shared.heldBodies)
-                if !opaque { masker = ResponseMasker(secrets: policy.secrets, masking: masking) }
+                if !opaque { masker = ResponseMasker(secrets: secrets, masking: masking) }
             }
             try guestPipeline.addHandler(GuestSideHandler(session: self), position: .last)
             if let watcher = try? upstreamPipeline.handler(type: HandshakeWatcher.self) {
@@ -356,7 +362,7 @@ final class Session {
     /// blocked): the upstream connection goes to the pool instead of closing. Returns
     /// whether it did; the session no longer owns the connection then.
     private func poolUpstream() -> Bool {
-        guard atCleanBoundary, let upstream, upstream.isActive, policyGeneration == shared.currentPolicy.generation, let serverName
+        guard atCleanBoundary, let upstream, upstream.isActive, policyGeneration == shared.policyGeneration, let serverName
         else { return false }
         // Idle since its last use: one idle for longer than the pool keeps connections may be
         // one the upstream is closing (its keep-alive timeout), so it is not lent.
@@ -1042,7 +1048,7 @@ final class Session {
             }
         }
         let check = RequestRewriter(
-            identity: ConnectionIdentity(sni: nil, dnsPinnedNames: [], upstreamVerified: false), secrets: policy.secrets,
+            identity: ConnectionIdentity(sni: nil, dnsPinnedNames: [], upstreamVerified: false), secrets: secrets,
             configuration: RewriterConfiguration(), mode: .http, heldBodyBudget: shared.heldBodies)
         var checked = RewriteOutput()
         check.consume(engineHead, into: &checked)
