@@ -1,7 +1,18 @@
 /// Host names as Keyhole compares them: ASCII, case-insensitive, one trailing dot ignored.
 public enum HostName {
-    /// Lower-cases ASCII and drops one trailing dot. Does not validate.
+    /// Lower-cases ASCII and drops one trailing dot. Does not validate. Inlinable: it runs
+    /// for every name a connection is checked against, and specialized for `String` it
+    /// walks the bytes directly.
+    @inlinable
     public static func normalize<S: StringProtocol>(_ host: S) -> String {
+        // Most names arrive normalized (SNI, allow lists): then no copy of the bytes.
+        var last: UInt8 = 0
+        var upper = false
+        for byte in host.utf8 {
+            upper = upper || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z"))
+            last = byte
+        }
+        if !upper && last != UInt8(ascii: ".") { return String(host) }
         var bytes = Array(host.utf8)
         if bytes.last == UInt8(ascii: ".") { bytes.removeLast() }
         for i in bytes.indices where bytes[i] >= UInt8(ascii: "A") && bytes[i] <= UInt8(ascii: "Z") {
@@ -12,16 +23,28 @@ public enum HostName {
 
     /// Why `host` (already normalized) is not a valid DNS host name, or nil when it is.
     /// Labels are 1–63 of `a-z 0-9 - _`, not starting or ending with `-`; 253 bytes in all.
+    /// Runs for every name a connection is checked against: one pass over the bytes, no
+    /// allocation; the IP-literal test only for a name the label rules already refuse.
     public static func problem(with host: String) -> String? {
         if host.isEmpty { return "is empty" }
         if host.utf8.count > 253 { return "is longer than 253 characters" }
+        guard let problem = labelProblem(host) else { return nil }
+        // Every IP literal breaks a label rule (`:`, or all digits and dots): say what it is.
         if IPAddress(host) != nil {
             return "is an IP address; allow lists name hosts, because identity is established by name (SNI, Host, DNS)"
         }
-        for label in host.split(separator: ".", omittingEmptySubsequences: false) {
+        return problem
+    }
+
+    private static func labelProblem(_ host: String) -> String? {
+        let utf8 = host.utf8
+        var start = utf8.startIndex
+        while true {
+            let end = utf8[start...].firstIndex(of: UInt8(ascii: ".")) ?? utf8.endIndex
+            let label = utf8[start..<end]
             if label.isEmpty { return "has an empty label" }
-            if label.utf8.count > 63 { return "has a label longer than 63 characters" }
-            for byte in label.utf8 {
+            if label.count > 63 { return "has a label longer than 63 characters" }
+            for byte in label {
                 let ok = (byte >= 0x61 && byte <= 0x7A) || (byte >= 0x30 && byte <= 0x39) || byte == 0x2D || byte == 0x5F
                 if !ok {
                     if byte == UInt8(ascii: "*") { return "contains '*'; wildcards belong in allow_host_patterns" }
@@ -29,9 +52,11 @@ public enum HostName {
                     return "contains a character that is not allowed in a host name"
                 }
             }
-            if label.utf8.first == 0x2D || label.utf8.last == 0x2D { return "has a label that starts or ends with '-'" }
+            if label.first == 0x2D || label.last == 0x2D { return "has a label that starts or ends with '-'" }
+            if end == utf8.endIndex { break }
+            start = utf8.index(after: end)
         }
-        if host.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2E }) {
+        if utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2E }) {
             return "is all digits and dots, which is not a host name"
         }
         return nil

@@ -14,7 +14,8 @@ public enum IPAddress: Sendable, Hashable, CustomStringConvertible {
 
     public init?<S: StringProtocol>(_ text: S) {
         let string = String(text)
-        if string.contains(":") {
+        // A byte test: `contains(":")` would go through Foundation's string search.
+        if string.utf8.contains(UInt8(ascii: ":")) {
             var addr = in6_addr()
             guard inet_pton(AF_INET6, string, &addr) == 1 else { return nil }
             let bytes = withUnsafeBytes(of: &addr) { Array($0) }

@@ -229,4 +229,43 @@ struct AddressTests {
         #expect(HostName.problem(with: "api.example.com") == nil)
         #expect(HostName.problem(with: "1.2.3.4") != nil)
     }
+
+    /// Each invalid name gets the reason that names its first fault, in this order: length,
+    /// IP literal, then label by label (empty, too long, a character, a hyphen at an end),
+    /// then all digits.
+    @Test func hostNameProblemsNameTheFirstFault() {
+        let ip = "is an IP address; allow lists name hosts, because identity is established by name (SNI, Host, DNS)"
+        let long = String(repeating: "a", count: 64)
+        let cases: [(String, String?)] = [
+            ("api.example.com", nil), ("a", nil), ("x_y.example-1.com", nil), ("1.example.com", nil), ("123", "is all digits and dots, which is not a host name"),
+            ("", "is empty"),
+            (String(repeating: "a.", count: 127), "is longer than 253 characters"),
+            ("10.0.0.1", ip), ("::1", ip), ("2001:db8::1", ip), ("::ffff:10.0.0.1", ip),
+            ("1.2.3", "is all digits and dots, which is not a host name"),
+            ("1.2.3.4.5", "is all digits and dots, which is not a host name"),
+            ("a..b", "has an empty label"), (".a", "has an empty label"), ("a.", "has an empty label"),
+            ("\(long).com", "has a label longer than 63 characters"),
+            ("\(long)*.com", "has a label longer than 63 characters"),
+            ("a.\(long)", "has a label longer than 63 characters"),
+            ("*.example.com", "contains '*'; wildcards belong in allow_host_patterns"),
+            ("bücher.example", "is not ASCII; write internationalized names in their xn-- form"),
+            ("a b.example", "contains a character that is not allowed in a host name"),
+            ("api:443", "contains a character that is not allowed in a host name"),
+            ("-x.example.com", "has a label that starts or ends with '-'"),
+            ("x-.example.com", "has a label that starts or ends with '-'"),
+            ("-x.a b", "has a label that starts or ends with '-'"),
+        ]
+        for (name, expected) in cases {
+            #expect(HostName.problem(with: name) == expected, "\(name)")
+        }
+        #expect(HostName.problem(with: String(repeating: "a.", count: 126) + "a") == nil)
+    }
+
+    @Test func normalizingLowersCaseAndDropsOneTrailingDot() {
+        #expect(HostName.normalize("API.Example.COM.") == "api.example.com")
+        #expect(HostName.normalize("api.example.com") == "api.example.com")
+        #expect(HostName.normalize("api.example.com..") == "api.example.com.")
+        #expect(HostName.normalize("api.example.com"[...]) == "api.example.com")
+        #expect(HostName.normalize("") == "")
+    }
 }
