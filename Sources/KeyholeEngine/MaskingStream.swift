@@ -9,7 +9,7 @@ import NIOCore
 struct MaskingStream {
     var scanner: StreamScanner<ValueMatcher>
     /// Framing bytes waiting for the content before them (`at`: content bytes before them).
-    var outbox = CircularBuffer<(at: Int, bytes: ByteBuffer)>()
+    var outbox = CircularBuffer<(at: Int, bytes: ByteBuffer)>(initialCapacity: 1)
     /// Content bytes given to the scanner.
     var scanned = 0
     /// Content bytes decided and emitted.

@@ -40,7 +40,10 @@ struct ByteSet: Sendable {
 ///
 /// Work is split in two: a SIMD scan for the few bytes a placeholder can start with in any
 /// form (its first byte, `%`, `\`), and a short decode-and-compare at each such byte.
-public struct PlaceholderMatcher: Sendable {
+///
+/// A class: immutable, built once per policy (`SecretSet`) and referenced by every
+/// connection's rewriter and scanners, so none carries its own copy of its 170-odd bytes.
+public final class PlaceholderMatcher: Sendable {
     struct Entry: Sendable {
         let bytes: [UInt8]
         let secret: Int

@@ -54,7 +54,7 @@ struct WebSocketStream {
     /// Streaming: the guest's bytes waiting for the scanner to decide the plain bytes before
     /// them. `at` is the plain position the bytes start at; `payload` bytes are released as
     /// far as the decision reaches, headers and control frames once it reaches `at`.
-    var outbox = CircularBuffer<(at: Int, bytes: ByteBuffer, payload: Bool)>()
+    var outbox = CircularBuffer<(at: Int, bytes: ByteBuffer, payload: Bool)>(initialCapacity: 1)
     /// Streaming: plain bytes given to the scanner.
     var streamed = 0
 

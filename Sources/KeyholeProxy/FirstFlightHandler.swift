@@ -76,10 +76,9 @@ final class FirstFlightHandler: ChannelInboundHandler, RemovableChannelHandler {
             channel.reset()
             return
         }
-        let current = shared.currentPolicy(on: channel.eventLoop)
         let session = Session(
-            id: shared.newConnectionID(), shared: shared, guest: channel, destination: address, policy: current.policy,
-            policyGeneration: current.generation, secrets: current.secrets)
+            id: shared.newConnectionID(), shared: shared, guest: channel, destination: address,
+            policy: shared.currentPolicy(on: channel.eventLoop))
         session.tunnelHost = tunnelHost
         self.session = session
         // With an idle verified connection to this address, connect only if the first

@@ -112,9 +112,9 @@ final class ProxyShared: Sendable {
         var policy: Policy
         /// One more at every reload.
         var generation: UInt64
-        /// The policy's secrets compiled, once per event loop: a loop's connections share
-        /// its tables, and loops do not share reference counts.
-        var compiled: [ObjectIdentifier: SecretSet] = [:]
+        /// The policy with its secrets compiled, once per event loop: a loop's connections
+        /// share it, and loops do not share reference counts.
+        var snapshots: [ObjectIdentifier: PolicySnapshot] = [:]
     }
 
     var policy: Policy {
@@ -125,22 +125,22 @@ final class ProxyShared: Sendable {
     /// lent within the generation it was used under.
     var policyGeneration: UInt64 { policyBox.withLock { $0.generation } }
 
-    /// The policy, its generation and its secrets compiled for `loop`, read together (a
-    /// reload in between cannot pair one policy with another's secrets).
-    func currentPolicy(on loop: any EventLoop) -> (policy: Policy, generation: UInt64, secrets: SecretSet) {
+    /// The policy, its generation and its secrets compiled, for connections on `loop` (read
+    /// together: a reload in between cannot pair one policy with another's secrets).
+    func currentPolicy(on loop: any EventLoop) -> PolicySnapshot {
         let key = ObjectIdentifier(loop)
-        let (policy, generation, compiled) = policyBox.withLock { ($0.policy, $0.generation, $0.compiled[key]) }
-        if let compiled { return (policy, generation, compiled) }
+        let (policy, generation, snapshot) = policyBox.withLock { ($0.policy, $0.generation, $0.snapshots[key]) }
+        if let snapshot { return snapshot }
         // Compiled outside the lock; kept unless a reload came meanwhile.
-        let secrets = SecretSet(policy.secrets)
+        let made = PolicySnapshot(policy: policy, generation: generation, secrets: SecretSet(policy.secrets))
         policyBox.withLock { state in
-            if state.generation == generation { state.compiled[key] = secrets }
+            if state.generation == generation { state.snapshots[key] = made }
         }
-        return (policy, generation, secrets)
+        return made
     }
 
     /// A new policy: idle upstream connections (verified under the old one) are closed, and
-    /// the old secrets' compiled forms go with the connections still using them.
+    /// the old snapshots go with the connections still using them.
     func replacePolicy(_ policy: Policy) {
         policyBox.withLock { $0 = PolicyState(policy: policy, generation: $0.generation + 1) }
         upstreamPool.drain()
@@ -156,6 +156,21 @@ final class ProxyShared: Sendable {
     }
 
     func newConnectionID() -> UInt64 { nextConnection.add(1, ordering: .relaxed).newValue }
+}
+
+/// A policy as its connections use it: the policy, its generation (one more at every
+/// reload) and its secrets compiled. Immutable; one per event loop and generation
+/// (`ProxyShared.currentPolicy(on:)`), referenced by each session.
+final class PolicySnapshot: Sendable {
+    let policy: Policy
+    let generation: UInt64
+    let secrets: SecretSet
+
+    init(policy: Policy, generation: UInt64, secrets: SecretSet) {
+        self.policy = policy
+        self.generation = generation
+        self.secrets = secrets
+    }
 }
 
 /// The transparent intercepting proxy: every flow the netfilter rules REDIRECT to

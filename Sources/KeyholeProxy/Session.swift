@@ -20,11 +20,14 @@ final class Session {
     let guest: any Channel
     let destination: SocketAddress
     let destinationIP: IPAddress?
-    let policy: Policy
+    /// The policy this session runs under, with its generation and its secrets compiled:
+    /// one object shared with the other connections on this event loop (not a copy of the
+    /// policy per connection).
+    let snapshot: PolicySnapshot
+    var policy: Policy { snapshot.policy }
     /// Which reload of the policy this session runs under (pooled connections stay within one).
-    let policyGeneration: UInt64
-    /// The policy's secrets compiled (shared with the other connections on this event loop).
-    let secrets: SecretSet
+    var policyGeneration: UInt64 { snapshot.generation }
+    var secrets: SecretSet { snapshot.secrets }
     @exclusivity(unchecked) var upstream: (any Channel)?
     @exclusivity(unchecked) var rewriter: RequestRewriter?
     @exclusivity(unchecked) var serverName: String?
@@ -86,18 +89,15 @@ final class Session {
     var upstreamOfferedHTTP2 = false
 
     init(
-        id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy: Policy, policyGeneration: UInt64,
-        secrets: SecretSet
+        id: UInt64, shared: ProxyShared, guest: any Channel, destination: SocketAddress, policy snapshot: PolicySnapshot
     ) {
-        self.policyGeneration = policyGeneration
-        self.secrets = secrets
+        self.snapshot = snapshot
         self.id = id
         self.shared = shared
         self.guest = guest
         self.destination = destination
         self.destinationIP = destination.keyholeIP
         self.destinationText = "\(destination.keyholeIP?.description ?? "?"):\(destination.port ?? 0)"
-        self.policy = policy
     }
 
     /// `IP:port`, for audit records (built once).
