@@ -21,6 +21,14 @@ struct MaskingStream {
         scanner = StreamScanner(matcher: matcher, captures: true)
     }
 
+    /// Gives back scratch capacity when nothing is pending (a quiet connection).
+    mutating func releaseIdleCapacity() {
+        guard outbox.isEmpty, scanned == emitted else { return }
+        outbox = CircularBuffer(initialCapacity: 1)
+        items = []
+        scanner.releaseIdleCapacity()
+    }
+
     mutating func scan(_ bytes: ByteBuffer) {
         scanner.append(bytes)
         scanned += bytes.readableBytes

@@ -154,6 +154,13 @@ public final class RequestRewriter {
         return core.headAccumulator == nil
     }
 
+    /// A quiet connection between requests gives back the capacity its per-request scratch
+    /// kept (the head's line table, edits, body pieces): the next request allocates it
+    /// again. Connection state stays. Does nothing unless `betweenRequests`.
+    public func releaseIdleCapacity() {
+        core.releaseIdleCapacity()
+    }
+
     /// Consumes the next bytes the guest sent.
     public func consume(_ buffer: ByteBuffer, into output: inout RewriteOutput) {
         core.consume(buffer, into: &output)
@@ -280,6 +287,21 @@ struct RewriterCore {
         }
         self.scanner = StreamScanner(matcher: matcher)
         self.state = mode == .http ? .head : .relay(.opaque)
+    }
+
+    mutating func releaseIdleCapacity() {
+        guard case .head = state, headAccumulator == nil, heldItems.isEmpty, pendingSubstitutionEvents.isEmpty, upgradeHeld.isEmpty
+        else { return }
+        head = RequestHead()
+        headBuffer = ByteBuffer()
+        edits = []
+        items = []
+        heldItems = []
+        chunkLine = []
+        chunkEnds = []
+        segmentPieces = []
+        pendingSubstitutionEvents = []
+        scanner.releaseIdleCapacity()
     }
 
     var isReadingHead: Bool {

@@ -177,6 +177,20 @@ public final class ResponseMasker {
     /// is to be closed now (what followed it is not for the guest).
     public private(set) var guestCloseDue = false
 
+    /// A quiet connection between responses, every request answered, gives back the
+    /// capacity its per-response scratch kept; the next response allocates it again.
+    /// Connection state (masking on, framing expectations) stays.
+    public func releaseIdleCapacity() {
+        guard betweenResponses, expectedFront == expected.count else { return }
+        expected = []
+        expectedFront = 0
+        headBytes = []
+        line = []
+        trailerLine = []
+        frameHeader = []
+        stream.releaseIdleCapacity()
+    }
+
     /// Between responses: nothing of one has arrived and nothing is held.
     public var betweenResponses: Bool {
         guard case .head = state else { return false }

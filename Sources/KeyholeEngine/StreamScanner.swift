@@ -61,6 +61,13 @@ struct StreamScanner<Matcher: StreamMatcher> {
     /// The bytes not yet decided (at most a candidate's lookahead after a drain).
     var undecidedBytes: [UInt8] { pending.flatMap { Array($0.readableBytesView) } }
 
+    /// Gives back the capacity of the scratch arrays when they hold nothing (a quiet
+    /// connection).
+    mutating func releaseIdleCapacity() {
+        if pending.isEmpty { pending = [] }
+        if matchedBytes.isEmpty { matchedBytes = [] }
+    }
+
     /// A new site starts (a request body): the byte before it is no token boundary.
     mutating func startSite() {
         previous = nil

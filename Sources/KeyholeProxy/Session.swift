@@ -530,12 +530,25 @@ final class Session {
                 session.armDetachTimer()
             } else if session.detachIfIdle() {
                 session.detached = true
-                // A quiet connection holds as little as it can.
-                session.upstreamJoin = nil
-                session.guestJoin = nil
-                session.substitutionLine = nil
+                session.releaseIdleCapacity()
             }
         }
+    }
+
+    /// A quiet connection holds as little as it can: what it kept for the next request
+    /// (joined partial reads, the last audit line, the engine's and the outputs' scratch
+    /// capacity) goes, and is made again when the guest speaks.
+    private func releaseIdleCapacity() {
+        upstreamJoin = nil
+        guestJoin = nil
+        substitutionLine = nil
+        rewriter?.releaseIdleCapacity()
+        masker?.releaseIdleCapacity()
+        if output.upstream.isEmpty { output.upstream = [] }
+        if output.events.isEmpty { output.events = [] }
+        if output.expectedResponses.isEmpty { output.expectedResponses = [] }
+        if maskOutput.guest.isEmpty { maskOutput.guest = [] }
+        if maskOutput.events.isEmpty { maskOutput.events = [] }
     }
 
     /// The detached session's guest sent a request: an idle pooled connection verified for
