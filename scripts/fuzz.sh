@@ -9,8 +9,15 @@ seconds=${1:-60}
 # The Swift runtime's interactive backtracer would hold the pipes open after a crash.
 export SWIFT_BACKTRACE=enable=no
 # Optimised (with ASan): about ten times the executions per second of a debug build.
+# A failed build stops here (an older binary must never be fuzzed in its place).
+build_status=0
 swift build -c release --product RewriterFuzzer -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library \
-  --scratch-path .build-fuzz 2>&1 | grep -vE "Cannot export local symbol|^\[" || true
+  --scratch-path .build-fuzz > .last-build.log 2>&1 || build_status=$?
+grep -vE "Cannot export local symbol|^\[" .last-build.log || true
+if [ "$build_status" -ne 0 ]; then
+  echo "fuzz build failed (status $build_status): fuzz/.last-build.log" >&2
+  exit 1
+fi
 test -x .build-fuzz/release/RewriterFuzzer
 mkdir -p .corpus-work artifacts
 status=0
