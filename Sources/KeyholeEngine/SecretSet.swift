@@ -9,7 +9,7 @@ import NIOCore
 /// a new connection's CPU with one secret and grows with every secret; a shared one also
 /// keeps its tables warm in cache across a loop's connections and leaves fewer copies of
 /// the values' encoded forms on the heap. The proxy keeps one per event loop and policy
-/// reload (`ProxyShared.currentPolicy(on:)`), so loops never touch each other's reference
+/// reload (`PolicyStore.snapshot(on:)`), so loops never touch each other's reference
 /// counts.
 public final class SecretSet: Sendable {
     public let secrets: [CompiledSecret]

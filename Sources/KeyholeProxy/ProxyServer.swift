@@ -89,7 +89,7 @@ final class ProxyShared: Sendable {
     let onTerminate: @Sendable (String) -> Void
     let heldBodies: HeldBodyBudget
     let upstreamPool: UpstreamPool
-    private let policyBox: Mutex<PolicyState>
+    private let policies: PolicyStore
     private let nextConnection = Atomic<UInt64>(0)
 
     init(
@@ -105,44 +105,22 @@ final class ProxyShared: Sendable {
         self.onTerminate = onTerminate
         self.heldBodies = HeldBodyBudget(limit: configuration.heldBodyBudget)
         self.upstreamPool = UpstreamPool(idleTimeout: configuration.upstreamIdleTimeout)
-        self.policyBox = Mutex(PolicyState(policy: policy, generation: 0))
+        self.policies = PolicyStore(policy)
     }
 
-    struct PolicyState {
-        var policy: Policy
-        /// One more at every reload.
-        var generation: UInt64
-        /// The policy with its secrets compiled, once per event loop: a loop's connections
-        /// share it, and loops do not share reference counts.
-        var snapshots: [ObjectIdentifier: PolicySnapshot] = [:]
-    }
+    var policy: Policy { policies.policy }
 
-    var policy: Policy {
-        get { policyBox.withLock { $0.policy } }
-    }
+    /// The current generation: a pooled upstream connection is only lent within the
+    /// generation it was used under.
+    var policyGeneration: UInt64 { policies.generation }
 
-    /// The policy and its generation, read together: a pooled upstream connection is only
-    /// lent within the generation it was used under.
-    var policyGeneration: UInt64 { policyBox.withLock { $0.generation } }
-
-    /// The policy, its generation and its secrets compiled, for connections on `loop` (read
-    /// together: a reload in between cannot pair one policy with another's secrets).
-    func currentPolicy(on loop: any EventLoop) -> PolicySnapshot {
-        let key = ObjectIdentifier(loop)
-        let (policy, generation, snapshot) = policyBox.withLock { ($0.policy, $0.generation, $0.snapshots[key]) }
-        if let snapshot { return snapshot }
-        // Compiled outside the lock; kept unless a reload came meanwhile.
-        let made = PolicySnapshot(policy: policy, generation: generation, secrets: SecretSet(policy.secrets))
-        policyBox.withLock { state in
-            if state.generation == generation { state.snapshots[key] = made }
-        }
-        return made
-    }
+    /// The policy as connections on `loop` use it (`PolicyStore.snapshot(on:)`).
+    func currentPolicy(on loop: any EventLoop) -> PolicySnapshot { policies.snapshot(on: loop) }
 
     /// A new policy: idle upstream connections (verified under the old one) are closed, and
     /// the old snapshots go with the connections still using them.
     func replacePolicy(_ policy: Policy) {
-        policyBox.withLock { $0 = PolicyState(policy: policy, generation: $0.generation + 1) }
+        policies.replace(policy)
         upstreamPool.drain()
     }
 
@@ -156,21 +134,6 @@ final class ProxyShared: Sendable {
     }
 
     func newConnectionID() -> UInt64 { nextConnection.add(1, ordering: .relaxed).newValue }
-}
-
-/// A policy as its connections use it: the policy, its generation (one more at every
-/// reload) and its secrets compiled. Immutable; one per event loop and generation
-/// (`ProxyShared.currentPolicy(on:)`), referenced by each session.
-final class PolicySnapshot: Sendable {
-    let policy: Policy
-    let generation: UInt64
-    let secrets: SecretSet
-
-    init(policy: Policy, generation: UInt64, secrets: SecretSet) {
-        self.policy = policy
-        self.generation = generation
-        self.secrets = secrets
-    }
 }
 
 /// The transparent intercepting proxy: every flow the netfilter rules REDIRECT to
