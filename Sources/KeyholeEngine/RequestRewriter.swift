@@ -86,6 +86,14 @@ public struct RewriteOutput {
 
     public init() {}
 
+    /// Gives back the capacity of the arrays the caller has drained (a quiet connection);
+    /// the counters stay.
+    public mutating func releaseDrainedCapacity() {
+        if upstream.isEmpty { upstream = [] }
+        if events.isEmpty { events = [] }
+        if expectedResponses.isEmpty { expectedResponses = [] }
+    }
+
     @inline(__always)
     mutating func forward(_ slice: ByteBuffer) {
         guard slice.readableBytes > 0 else { return }

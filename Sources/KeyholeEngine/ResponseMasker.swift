@@ -84,6 +84,12 @@ public struct MaskOutput {
     public var scannedBytes = 0
 
     public init() {}
+
+    /// Gives back the capacity of the arrays the caller has drained (a quiet connection).
+    public mutating func releaseDrainedCapacity() {
+        if guest.isEmpty { guest = [] }
+        if events.isEmpty { events = [] }
+    }
 }
 
 /// The upstream → guest half of a connection (HTTP/1.1): reads each response's framing,

@@ -544,11 +544,8 @@ final class Session {
         substitutionLine = nil
         rewriter?.releaseIdleCapacity()
         masker?.releaseIdleCapacity()
-        if output.upstream.isEmpty { output.upstream = [] }
-        if output.events.isEmpty { output.events = [] }
-        if output.expectedResponses.isEmpty { output.expectedResponses = [] }
-        if maskOutput.guest.isEmpty { maskOutput.guest = [] }
-        if maskOutput.events.isEmpty { maskOutput.events = [] }
+        output.releaseDrainedCapacity()
+        maskOutput.releaseDrainedCapacity()
     }
 
     /// The detached session's guest sent a request: an idle pooled connection verified for
