@@ -73,18 +73,14 @@ struct HTTP2EndToEndTests {
                 except OSError as e:
                     print('busy error', e)
                 print('busy ok' if b'lastping' in data else 'busy closed')
+            \(ProxyHarness.watchQuietPython)
             t = threading.Thread(target=busy)
             t.start()
             q = connect()
-            start = time.time()
-            try:
+            def drain():
                 while q.recv(65536):
                     pass
-                print('quiet closed after %.1f s' % (time.time() - start))
-            except (ConnectionResetError, ssl.SSLError):
-                print('quiet closed after %.1f s (reset)' % (time.time() - start))
-            except TimeoutError:
-                print('quiet still open')
+            watch_quiet(drain)
             t.join()
             EOF
             """)

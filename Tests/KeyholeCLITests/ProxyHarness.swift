@@ -430,8 +430,23 @@ final class ProxyHarness: @unchecked Sendable {
         throw HarnessError.timeout("\(file) never said '\(text)': \((try? String(contentsOfFile: file, encoding: .utf8)) ?? "")\n\(stderr)")
     }
 
-    /// The idle-timeout tests' guest scripts print `quiet closed after N s` when the quiet
-    /// connection ended: N, or nil when no such line was printed.
+    /// The idle-timeout tests' guest scripts (Python) watch their quiet connection with
+    /// this: `read()` returns when the connection is closed; it prints how long that took,
+    /// or that the connection stayed open (the socket's own timeout).
+    static let watchQuietPython = """
+        def watch_quiet(read):
+            start = time.time()
+            try:
+                read()
+                print('quiet closed after %.1f s' % (time.time() - start))
+            except (ConnectionResetError, ssl.SSLError):
+                print('quiet closed after %.1f s (reset)' % (time.time() - start))
+            except TimeoutError:
+                print('quiet still open')
+        """
+
+    /// What `watchQuietPython` printed: N of `quiet closed after N s`, or nil when no such
+    /// line was printed.
     static func secondsUntilQuietClosed(_ output: String) -> Double? {
         let closed = output.split(separator: "\n").first { $0.hasPrefix("quiet closed after ") }
         return closed.flatMap { Double($0.dropFirst("quiet closed after ".count).prefix { $0 != " " }) }
